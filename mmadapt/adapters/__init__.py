@@ -1,0 +1,21 @@
+"""Modality-masked adapters: contract, registry, injection, and the variants."""
+
+from ..modality import disable_adapters, modality_ids
+from . import plora  # noqa: F401  (registers the variant)
+from .base import Adapter, AdapterSpec
+from .inject import adapter_parameters, adapters_of, inject
+from .registry import ADAPTERS, adapter_class, parse_spec, register_adapter
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AdapterSpec",
+    "adapter_class",
+    "adapter_parameters",
+    "adapters_of",
+    "disable_adapters",
+    "inject",
+    "modality_ids",
+    "parse_spec",
+    "register_adapter",
+]

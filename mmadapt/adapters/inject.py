@@ -1,0 +1,110 @@
+"""Put adapters into any Hugging Face model by module-name patterns."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..modality import attach_context
+from .base import Adapter, AdapterSpec, AdapterStack, apply_stack_hook
+from .registry import adapter_class, parse_spec
+
+STACK_ATTR = "mmadapt"
+
+
+def matches(module_name: str, target: str) -> bool:
+    """``target`` names a module suffix (``q_proj``) or, as ``re:<regex>``, the full name."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], module_name) is not None
+    return module_name == target or module_name.endswith("." + target)
+
+
+def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, list[str]]:
+    """Add adapters to the linear layers of ``model`` (an unmodified HF model).
+
+    Args:
+        model: any ``nn.Module``; usually an ``AutoModelForCausalLM``.
+        adapters: config entries such as ``{"type": "plora", "modalities": ["image"],
+            "targets": ["q_proj"], "r": 8, "alpha": 16}``.
+
+    Returns:
+        For each adapter key, the names of the modules it was added to.
+
+    Raises:
+        ValueError: an entry is invalid or its targets match no linear layer.
+    """
+    context = attach_context(model)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
+    placed: dict[str, list[str]] = {}
+    for index, entry in enumerate(adapters):
+        spec = entry if isinstance(entry, AdapterSpec) else parse_spec(entry)
+        names = [name for name in linears if any(matches(name, t) for t in spec.targets)]
+        if not names:
+            example = ", ".join(list(linears)[:4])
+            raise ValueError(
+                f"adapters.{index} ({spec.type}): targets {spec.targets} match no linear layer "
+                f"of {type(model).__name__} (its linear layers are named like: {example})"
+            )
+        key = _unique_key(spec, placed)
+        for name in names:
+            _stack_of(linears[name], context)[key] = adapter_class(spec.type)(linears[name], spec)
+        placed[key] = names
+    return placed
+
+
+def _unique_key(spec: AdapterSpec, placed: dict) -> str:
+    key = spec.name or spec.type
+    if spec.name and key in placed:
+        raise ValueError(f"two adapters are named {key!r}")
+    suffix = 1
+    while key in placed:
+        suffix += 1
+        key = f"{spec.type}_{suffix}"
+    return key
+
+
+def _stack_of(layer: nn.Module, context) -> AdapterStack:
+    stack = getattr(layer, STACK_ATTR, None)
+    if stack is None:
+        stack = AdapterStack(context)
+        layer.add_module(STACK_ATTR, stack)
+        layer.register_forward_hook(apply_stack_hook)
+    return stack
+
+
+def adapters_of(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
+    """Every adapter in ``model`` with its full module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of every adapter in ``model``, by full name."""
+    return {
+        f"{name}.{param_name}": param
+        for name, adapter in adapters_of(model)
+        for param_name, param in adapter.named_parameters()
+    }
+
+
+@contextlib.contextmanager
+def no_adapter_grads(model: nn.Module) -> Iterator[None]:
+    """Temporarily freeze adapter parameters (e.g. to compare against the base model)."""
+    params = list(adapter_parameters(model).values())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def count_parameters(params: dict[str, torch.Tensor]) -> int:
+    return sum(p.numel() for p in params.values())
