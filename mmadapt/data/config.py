@@ -1,0 +1,27 @@
+"""The ``data.*`` section of a recipe."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataConfig(BaseModel):
+    """Where conversations come from and how bad or long ones are handled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field(description="JSONL file of training conversations; record file paths are relative to it")
+    eval: str | None = Field(default=None, description="JSONL file of evaluation conversations, or null for none")
+    on_bad_record: Literal["error", "skip"] = Field(
+        default="error", description="error: stop at the first bad record; skip: count, log and drop it"
+    )
+    max_length: int = Field(
+        default=512, gt=0, description="longest sample in tokens, modality slots included; longer ones are bad records, never truncated"
+    )
+    max_audio_seconds: float = Field(default=30.0, gt=0, description="longest audio clip in seconds")
+    system_prompt: str | None = Field(
+        default=None,
+        description="system message prepended to conversations that have none; null keeps the chat template's default",
+    )
+    eval_samples: int | None = Field(default=None, gt=0, description="use at most this many eval records; null: all")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0: load in the main process)")

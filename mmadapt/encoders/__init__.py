@@ -1,0 +1,1 @@
+"""Modality encoders: pixels and waveforms to token embeddings."""

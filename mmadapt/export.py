@@ -1,0 +1,78 @@
+"""Trained weights out of a run, and a run's model back in.
+
+``OUT/adapter/adapter.safetensors`` holds every trained tensor (gathered from ZeRO-3
+shards), ``OUT/adapter/adapter_config.json`` the format version, preset and base
+fingerprint; ``OUT/base.safetensors`` the parts that were randomly initialised
+rather than loaded from a named pretrained source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import InputError
+
+FORMAT_VERSION = 1
+
+
+def gathered_state(module: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    """Full copies of the named parameters/buffers, gathering ZeRO-3 partitions if needed."""
+    params = [p for n, p in module.named_parameters() if n in names]
+    with _gathered(params):
+        state = {n: t.detach().cpu().clone() for n, t in module.state_dict(keep_vars=True).items() if n in names}
+    return _without_shared(state)
+
+
+def _gathered(params: list[nn.Parameter]):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _without_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def save_base(model: nn.Module, output_dir: Path, names: set[str]) -> None:
+    """Write randomly initialised tensors (tied copies once) to ``base.safetensors``."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name in names and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(output_dir / "base.safetensors"))
+
+
+def save_adapter(state: dict[str, torch.Tensor], output_dir: Path, meta: dict) -> None:
+    """Write ``adapter/adapter.safetensors`` and ``adapter/adapter_config.json``."""
+    folder = output_dir / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "adapter.safetensors"))
+    config = {"format_version": FORMAT_VERSION, **meta, "tensors": sorted(state)}
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_adapter_config(output_dir: Path) -> dict:
+    path = Path(output_dir) / "adapter" / "adapter_config.json"
+    if not path.is_file():
+        raise InputError(f"{output_dir} is not a finished mmadapt run: {path} is missing")
+    config = json.loads(path.read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: format_version {config.get('format_version')} is not {FORMAT_VERSION}")
+    return config
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``; every tensor in it must belong to the model."""
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise InputError(f"{path} holds tensors this model does not have: {result.unexpected_keys[:3]}")

@@ -1,0 +1,90 @@
+"""The training job behind ``train.py``: config -> model -> data -> Trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import checkpoint, distributed
+from .build import build_model, random_tensor_names
+from .config import Config, load_config, save_config
+from .data.dataset import build_dataset
+from .errors import InputError
+from .export import save_base
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train an mmadapt model (plain python or under deepspeed).")
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/xcomposer.yaml")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_steps=8")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run training; bad input prints one line (rank 0) and returns 2."""
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg)
+    except (InputError, FileNotFoundError, ValidationError) as error:
+        if distributed.env_rank() == 0:
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(cfg: Config) -> None:
+    """Build everything the config names and train it; see ``mmadapt.trainer``."""
+    from .trainer import Trainer
+
+    distributed.init(cfg.train.threads)
+    out = Path(cfg.train.output_dir)
+    resume_from = checkpoint.resolve_resume(out, cfg.train.resume)
+    model = build_model(cfg)
+    train_set, eval_sets = _datasets(cfg, model)
+    distributed.barrier()
+    if distributed.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        save_base(model, out, random_tensor_names(model))
+    distributed.barrier()
+    trainer = Trainer(cfg, model, train_set, eval_sets)
+    trainer.setup(resume_from)
+    trainer.train()
+
+
+def _datasets(cfg: Config, model):
+    encoder = model.encoders["image"] if "image" in model.encoders else None
+    image_tokens = encoder.num_tokens if encoder else 0
+    preprocess = encoder.preprocess if encoder else None
+    build = lambda path, **kw: build_dataset(path, model.tokenizer, cfg.data, image_tokens, preprocess, **kw)  # noqa: E731
+    train_set, skipped = build(cfg.data.train)
+    _report_skipped(cfg.data.train, skipped, cfg)
+    if cfg.data.eval is None:
+        return train_set, None
+    loss_set, skipped = build(cfg.data.eval)
+    _report_skipped(cfg.data.eval, skipped, cfg)
+    generation_set, _ = build(cfg.data.eval, for_generation=True)
+    return train_set, (loss_set, generation_set)
+
+
+def _report_skipped(path: str, skipped: Counter, cfg: Config) -> None:
+    if not skipped or distributed.rank() != 0:
+        return
+    total = sum(skipped.values())
+    print(f"skipped {total} bad records of {path}: {json.dumps(dict(skipped))}", file=sys.stderr)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "skipped.json"
+    previous = json.loads(report.read_text()) if report.exists() else {}
+    report.write_text(json.dumps({**previous, path: dict(skipped)}, indent=2) + "\n")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

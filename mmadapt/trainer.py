@@ -1,0 +1,313 @@
+"""One training loop for every recipe, on a DeepSpeed engine.
+
+Reads top to bottom: setup (trainable parts, optimizer, schedule, engine, resume)
+-> train (accumulate, step, log, eval, checkpoint) -> export. Works for ZeRO 0-3,
+one process or many, CPU (gloo) or GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .config import Config
+from .data.collate import Collator
+from .export import gathered_state, save_adapter
+from .metrics import metric
+from .model import IGNORE, MultimodalLM
+
+
+class Trainer:
+    """Trains ``model`` on ``train_set`` as configured; evaluates on ``eval_sets``.
+
+    Args:
+        cfg: the validated config.
+        model: the built model (adapters injected, nothing trainable yet).
+        train_set: items of ``mmadapt.data.ConversationDataset``.
+        eval_sets: ``(loss_set, generation_set)`` from the eval file, or None.
+    """
+
+    def __init__(self, cfg: Config, model: MultimodalLM, train_set, eval_sets=None) -> None:
+        self.cfg, self.model, self.train_set, self.eval_sets = cfg, model, train_set, eval_sets
+        self.out = Path(cfg.train.output_dir)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.stop_requested = False
+        pad = model.tokenizer.pad_token_id
+        self.collate_train = Collator(pad, padding_side="right")
+        self.collate_prompt = Collator(pad, padding_side="left")
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self, resume_from: Path | None) -> None:
+        import deepspeed
+
+        groups = self._set_trainable()
+        if self.cfg.train.gradient_checkpointing:
+            self.model.llm.gradient_checkpointing_enable({"use_reentrant": False})
+        optimizer = self._optimizer(groups)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self._deepspeed_config()
+        )
+        self.step = checkpoint.load(self.engine, resume_from) if resume_from else 0
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
+            n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
+            tqdm.write(f"trainable parameters: {n_trainable:,} in {', '.join(sorted(groups))}")
+
+    def _set_trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        groups = self.model.parameter_groups()
+        for group, params in groups.items():
+            for param in params.values():
+                param.requires_grad_(group in self.cfg.train.trainable)
+        chosen = {g: groups[g] for g in self.cfg.train.trainable if groups[g]}
+        if not chosen:
+            raise ValueError(f"train.trainable={self.cfg.train.trainable} selects no parameters of this model")
+        return chosen
+
+    def _optimizer(self, groups: dict[str, dict[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        train = self.cfg.train
+        param_groups = []
+        for group, params in groups.items():
+            lr = train.lr * train.lr_scale.get(group, 1.0)
+            matrices = [p for p in params.values() if p.dim() >= 2]
+            vectors = [p for p in params.values() if p.dim() < 2]
+            param_groups += [
+                {"params": matrices, "lr": lr, "weight_decay": train.weight_decay},
+                {"params": vectors, "lr": lr, "weight_decay": 0.0},
+            ]
+        param_groups = [g for g in param_groups if g["params"]]
+        if self.cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(param_groups, lr=train.lr, adamw_mode=True)
+        return torch.optim.AdamW(param_groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine down to ``train.min_lr_ratio`` at ``max_steps``."""
+        train = self.cfg.train
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _deepspeed_config(self) -> dict:
+        ds, train = self.cfg.deepspeed, self.cfg.train
+        zero: dict = {"stage": ds.zero_stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        config = {
+            "train_micro_batch_size_per_gpu": train.batch_size,
+            "gradient_accumulation_steps": train.grad_accum,
+            "train_batch_size": train.batch_size * train.grad_accum * self.world,
+            "gradient_clipping": train.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": train.precision == "bf16"},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10**9,
+        }
+        return {**config, **ds.extra}
+
+    # ---- data --------------------------------------------------------------------------
+    def _micro_batches(self, start: int) -> Iterator[dict]:
+        """Endless micro-batches in a seeded order; ``start`` skips those already consumed."""
+        sampler = list(_rank_batches(len(self.train_set), self.cfg, self.rank, self.world, start))
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=self.collate_train,
+            num_workers=self.cfg.data.num_workers,
+        )
+        return iter(loader)
+
+    # ---- train -------------------------------------------------------------------------
+    def train(self) -> None:
+        """Run until ``train.max_steps``, then export the trained weights."""
+        train = self.cfg.train
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        batches = self._micro_batches(self.step * train.grad_accum)
+        bar = tqdm(total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        self.engine.train()
+        while self.step < train.max_steps and not self._stop_agreed():
+            row = self._train_step(batches)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            if self.step % train.log_every == 0 or self.step == train.max_steps:
+                self._log(row)
+            if train.eval_every and self.step % train.eval_every == 0 and self.step < train.max_steps:
+                self.evaluate()
+            if train.save_every and self.step % train.save_every == 0:
+                checkpoint.save(self.engine, self.out, self.step, train.keep_last)
+        bar.close()
+        if self.step < train.max_steps:  # stopped by a signal: save what we have and leave
+            checkpoint.save(self.engine, self.out, self.step, train.keep_last)
+            return
+        if self.eval_sets is not None:
+            self.evaluate()
+        if not train.save_every or self.step % train.save_every:
+            checkpoint.save(self.engine, self.out, self.step, train.keep_last)
+        self.export()
+
+    def _train_step(self, batches: Iterator[dict]) -> dict:
+        started = time.perf_counter()
+        lr = self.cfg.train.lr * self.lr_factor(self.step)
+        loss_sum, tokens, samples = 0.0, 0, 0
+        for _ in range(self.cfg.train.grad_accum):
+            batch = _to_device(next(batches))
+            out = self.engine(**_model_inputs(batch), return_logits=False)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            loss_sum += out.loss.item()
+            tokens += int(batch["attention_mask"].sum())
+            samples += len(batch["input_ids"])
+        loss_sum, tokens, samples = distributed.all_sum([loss_sum, tokens, samples])
+        seconds = time.perf_counter() - started
+        return {
+            "step": self.step + 1,
+            "loss": loss_sum / (self.cfg.train.grad_accum * self.world),
+            "lr": lr,
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": samples / seconds,
+            "peak_mem_mb": _peak_memory_mb(),
+        }
+
+    # ---- eval --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss and the task metric on generated answers; logged as an eval row."""
+        loss_set, generation_set = self.eval_sets
+        self.engine.eval()
+        row = {"step": self.step, "eval_loss": self._eval_loss(loss_set), "eval_accuracy": self._eval_accuracy(generation_set)}
+        self.engine.train()
+        self._log(row)
+        return row
+
+    def _eval_loss(self, dataset) -> float:
+        loss_sum, token_count = 0.0, 0
+        for batch in self._eval_batches(dataset, self.collate_train):
+            out = self.engine(**_model_inputs(batch), return_logits=False)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            loss_sum, token_count = loss_sum + out.loss.item() * n * batch["real"], token_count + n * batch["real"]
+        loss_sum, token_count = distributed.all_sum([loss_sum, token_count])
+        return loss_sum / max(token_count, 1)
+
+    def _eval_accuracy(self, dataset) -> float:
+        score = metric(self.cfg.eval.metric)
+        tokenizer = self.model.tokenizer
+        correct, total = 0, 0
+        for batch in self._eval_batches(dataset, self.collate_prompt):
+            generated = self.model.generate(
+                batch["input_ids"], batch["attention_mask"], batch.get("images"),
+                max_new_tokens=self.cfg.eval.max_new_tokens,
+            )
+            if not batch["real"]:
+                continue
+            for tokens, reference in zip(generated, batch["references"]):
+                answer = tokenizer.decode(tokens, skip_special_tokens=True)
+                correct += int(score(answer, reference))
+                total += 1
+        correct, total = distributed.all_sum([correct, total])
+        return correct / max(total, 1)
+
+    def _eval_batches(self, dataset, collate) -> Iterator[dict]:
+        """This rank's share, in batches; every rank runs the same number (ZeRO-3 needs it)."""
+        size = self.cfg.eval.batch_size
+        per_rank = math.ceil(len(dataset) / self.world)
+        indices = list(range(self.rank, len(dataset), self.world))
+        for start in range(0, per_rank, size):
+            chunk = indices[start : start + size]
+            real = bool(chunk)
+            batch = collate([dataset[i] for i in (chunk or [0])])
+            batch["references"] = [dataset[i].get("reference") for i in chunk]
+            batch["real"] = int(real)
+            yield _to_device(batch)
+
+    # ---- output ------------------------------------------------------------------------
+    def export(self) -> None:
+        """Gather every trained tensor to rank 0 and write ``OUT/adapter/``."""
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        state = gathered_state(self.model, names)
+        if self.rank == 0:
+            meta = {
+                "preset": self.cfg.preset,
+                "base_fingerprint": self.model.base_fingerprint,
+                "trainable": self.cfg.train.trainable,
+                "adapters": self.cfg.adapters,
+                "step": self.step,
+            }
+            save_adapter(state, self.out, meta)
+        distributed.barrier()
+
+    def _log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
+
+    @property
+    def writer(self):
+        if not hasattr(self, "_writer"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out / "tensorboard")) if self.rank == 0 else None
+        return self._writer
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop rows after the checkpoint so the file reads as one run."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        return bool(distributed.all_sum([float(self.stop_requested)])[0])
+
+
+def _rank_batches(n: int, cfg: Config, rank: int, world: int, start: int) -> Iterator[list[int]]:
+    """Index lists for this rank's micro-batches: per-epoch seeded permutations, ranks interleaved."""
+    size = cfg.train.batch_size
+    per_epoch = n // (size * world)
+    if per_epoch == 0:
+        raise ValueError(f"data.train has {n} usable records, fewer than one global batch ({size * world})")
+    needed = cfg.train.max_steps * cfg.train.grad_accum
+    for index in range(start, needed):
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+        begin = (position * world + rank) * size
+        yield order[begin : begin + size].tolist()
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "images", "labels") if k in batch}
+
+
+def _to_device(batch: dict) -> dict:
+    device = distributed.device()
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
