@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .adapters.registry import parse_spec
+from .adapters.registry import adapter_class, parse_spec
 from .data.config import DataConfig
 from .encoders.vision import VisionConfig
 from .errors import InputError
@@ -91,7 +91,7 @@ class DeepSpeedConfig(Strict):
 class Config(Strict):
     preset: str = Field(description="model preset file the model came from")
     model: ModelPreset
-    adapters: list[dict] = Field(default_factory=list, description="adapter entries (replace the preset's)")
+    adapters: list[dict] = Field(default_factory=list, description="adapter entries; default: the preset's")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -100,13 +100,14 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _adapters_valid(self) -> Config:
-        if not self.adapters:
-            self.adapters = list(self.model.adapters)
         for index, entry in enumerate(self.adapters):
             try:
                 parse_spec(entry)
             except ValidationError as error:
-                raise ValueError(_describe(error, prefix=f"adapters.{index}", model=None)) from None
+                spec_class = adapter_class(entry["type"]).spec_class
+                raise ValueError(_describe(error, prefix=f"adapters.{index}", model=spec_class)) from None
+            except ValueError as error:
+                raise ValueError(f"config key 'adapters.{index}.type': {error}") from None
         if "vision" in self.train.trainable and self.model.vision is None:
             raise ValueError("train.trainable lists vision but the model has no vision encoder")
         return self
@@ -128,6 +129,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for override in model_overrides:
         _apply_override(raw, override)
     raw["model"], raw["preset"] = _resolve_preset(raw.get("model"), raw.get("preset"), path)
+    if "adapters" not in raw and isinstance(raw["model"], dict):
+        raw["adapters"] = list(raw["model"].get("adapters", []))
     for override in overrides or []:
         if override not in model_overrides:
             _apply_override(raw, override)
@@ -208,7 +211,8 @@ def _describe(error: ValidationError, prefix: str, model: type[BaseModel] | None
     loc = [str(p) for p in first["loc"]]
     key = ".".join(filter(None, [prefix, *loc]))
     if first["type"] == "extra_forbidden":
-        hint = _nearest_key(model, loc) if model else None
+        nearest = _nearest_key(model, loc) if model else None
+        hint = ".".join(filter(None, [prefix, nearest])) if nearest else None
         return f"unknown config key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
     if first["type"] == "missing":
         return f"config key {key!r} is required"

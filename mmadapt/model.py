@@ -144,7 +144,7 @@ class MultimodalLM(nn.Module):
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
             )
         return out.logits[:, -1].float()

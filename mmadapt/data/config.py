@@ -16,7 +16,9 @@ class DataConfig(BaseModel):
         default="error", description="error: stop at the first bad record; skip: count, log and drop it"
     )
     max_length: int = Field(
-        default=512, gt=0, description="longest sample in tokens, modality slots included; longer ones are bad records, never truncated"
+        default=512,
+        gt=0,
+        description="longest sample in tokens, modality slots included; longer ones are bad records, never truncated",
     )
     max_audio_seconds: float = Field(default=30.0, gt=0, description="longest audio clip in seconds")
     system_prompt: str | None = Field(

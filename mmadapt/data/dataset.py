@@ -40,7 +40,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     generation).
     """
 
-    def __init__(self, table: datasets.Dataset, preprocess_image: ImagePreprocess) -> None:
+    def __init__(self, table: datasets.Dataset, preprocess_image: ImagePreprocess | None) -> None:
         self.table = table
         self.preprocess_image = preprocess_image
 
@@ -75,7 +75,7 @@ def build_dataset(
     tokenizer: PreTrainedTokenizerBase,
     data_cfg: DataConfig,
     image_tokens: int,
-    preprocess_image: ImagePreprocess,
+    preprocess_image: ImagePreprocess | None,
     for_generation: bool = False,
 ) -> tuple[ConversationDataset, Counter[str]]:
     """Read, validate and tokenize a JSONL file of conversations.
@@ -88,8 +88,9 @@ def build_dataset(
         path: the JSONL file (``data_cfg.train``, ``data_cfg.eval`` or another).
         tokenizer: a tokenizer with a chat template.
         data_cfg: the ``data`` config section.
-        image_tokens: slots per image (the vision encoder's token count).
-        preprocess_image: turns an RGB image into ``FloatTensor[3, H, W]``.
+        image_tokens: slots per image (the vision encoder's token count; 0 without one).
+        preprocess_image: turns an RGB image into ``FloatTensor[3, H, W]``; None
+            without an image encoder.
         for_generation: encode each prompt (all messages before the final assistant
             message, then the assistant header) and keep that message's content as
             ``reference``, instead of the full conversation with labels.
@@ -98,13 +99,20 @@ def build_dataset(
         The dataset and how many records were skipped for each reason.
 
     Raises:
-        InputError: the file is missing or holds no usable record.
+        InputError: the file is missing or holds no usable record, or has images
+            but ``image_tokens`` is 0.
         BadRecord: a record is bad and ``data_cfg.on_bad_record`` is ``error``.
     """
     config_key = "data.eval" if str(path) == data_cfg.eval else "data.train"
     records, skipped = read_records(path, data_cfg.on_bad_record, config_key)
     if config_key == "data.eval" and data_cfg.eval_samples is not None:
         records = records[: data_cfg.eval_samples]
+    with_images = next((record for record in records if record.images), None)
+    if image_tokens < 1 and with_images:
+        raise InputError(
+            f"{config_key}: record {with_images.id!r} (line {with_images.line}) has images "
+            "but the model has no image encoder"
+        )
     encode = functools.partial(
         _encode_prompt if for_generation else _encode_conversation,
         tokenizer=tokenizer,
@@ -130,7 +138,8 @@ def _encode_prompt(
     row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, image_tokens: int, system_prompt: str | None
 ) -> dict[str, Any]:
     *prompt, answer = row["messages"]  # records end with an assistant message
-    return {"input_ids": encode_prompt(tokenizer, prompt, image_tokens, system_prompt), "reference": answer["content"]}
+    input_ids = encode_prompt(tokenizer, prompt, image_tokens, system_prompt)
+    return {"input_ids": input_ids, "reference": answer["content"]}
 
 
 def _drop_too_long(table: datasets.Dataset, source: str, data_cfg: DataConfig) -> tuple[datasets.Dataset, int]:
@@ -139,9 +148,8 @@ def _drop_too_long(table: datasets.Dataset, source: str, data_cfg: DataConfig) -
     too_long = [index for index, length in enumerate(lengths) if length > data_cfg.max_length]
     for index in too_long:
         row = table[index]
-        bad = BadRecord(
-            source, row["line"], row["id"], f"{lengths[index]} tokens, longer than data.max_length={data_cfg.max_length}"
-        )
+        problem = f"{lengths[index]} tokens, longer than data.max_length={data_cfg.max_length}"
+        bad = BadRecord(source, row["line"], row["id"], problem)
         if data_cfg.on_bad_record == "error":
             raise bad
         logger.warning("skipping record: %s", bad)

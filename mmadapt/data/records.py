@@ -138,15 +138,17 @@ def _messages(value: Any) -> list[dict[str, str]]:
         raise _Invalid("invalid schema", "'messages' must be a non-empty list")
     messages = []
     for index, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        well_formed = isinstance(message, dict) and message.get("role") in ROLES
+        if not well_formed or not isinstance(message.get("content"), str):
             raise _Invalid(
                 "invalid schema",
                 f"messages[{index}] must be {{'role': one of {list(ROLES)}, 'content': a string}}, got {message!r}",
             )
         messages.append({"role": message["role"], "content": message["content"]})
-    # A conversation must end with what the model learns to write (and, for eval, the reference).
-    if messages[-1]["role"] != "assistant":
-        raise _Invalid("invalid schema", "the last message must be from the assistant")
+    # The final assistant message is what the model learns to write, or for eval the reference
+    # answer to the prompt before it.
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise _Invalid("invalid schema", "the last message must be an assistant answer to at least one message")
     return messages
 
 

@@ -50,7 +50,8 @@ def encode_conversation(
     Args:
         tokenizer: a tokenizer with a chat template.
         messages: ``[{"role", "content"}]``, contents may hold placeholders.
-        image_tokens: slots per ``<image>`` (the vision encoder's token count).
+        image_tokens: slots per ``<image>`` (the vision encoder's token count; 0 for
+            a model without one, which then refuses ``<image>``).
         system_prompt: prepended as a system message when the conversation has none.
         add_generation_prompt: end with the template's assistant header.
 
@@ -58,10 +59,9 @@ def encode_conversation(
         ``{"input_ids": [...], "labels": [...]}``, equally long.
 
     Raises:
-        InputError: the chat template does not render conversations prefix by prefix.
+        InputError: the chat template does not render conversations prefix by prefix,
+            or an ``<image>`` comes with ``image_tokens=0``.
     """
-    if image_tokens < 1:
-        raise ValueError(f"image_tokens must be at least 1, got {image_tokens}")
     input_ids: list[int] = []
     labels: list[int] = []
     for text, labelled in _spans(tokenizer, _with_system_prompt(messages, system_prompt), add_generation_prompt):
@@ -88,7 +88,8 @@ def encode_prompt(
     Returns:
         The input ids, modality slots included.
     """
-    return encode_conversation(tokenizer, messages, image_tokens, system_prompt, add_generation_prompt=True)["input_ids"]
+    encoded = encode_conversation(tokenizer, messages, image_tokens, system_prompt, add_generation_prompt=True)
+    return encoded["input_ids"]
 
 
 def _with_system_prompt(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
@@ -117,7 +118,9 @@ def _spans(
         yield _after(renders[-1], _render(tokenizer, messages, add_generation_prompt=True)), False
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = False
+) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -136,6 +139,8 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, image_tokens: in
     ids: list[int] = []
     for piece in _PLACEHOLDER.split(text):
         if piece == "<image>":
+            if image_tokens < 1:
+                raise InputError("an <image> placeholder needs a model with an image encoder (image_tokens is 0)")
             ids += [IMAGE_SLOT] * image_tokens
         elif piece == "<speech>":
             # One slot: a speech item's length is known only after its encoder runs.
