@@ -224,7 +224,7 @@ def _describe(error: ValidationError, prefix: str, model: type[BaseModel] | None
 
 def _nearest_key(model: type[BaseModel], loc: list[str]) -> str | None:
     fields = _fields_at(model, loc[:-1])
-    nearest = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.5)
+    nearest = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.4)
     return ".".join([*loc[:-1], nearest[0]]) if nearest else None
 
 
