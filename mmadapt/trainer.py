@@ -58,6 +58,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self._deepspeed_config()
         )
+        torch.manual_seed(self.cfg.train.seed * 1000 + self.rank)  # dropout; a resume restores it
         self.step = checkpoint.load(self.engine, resume_from) if resume_from else 0
         if self.rank == 0:
             self._truncate_metrics(self.step)
@@ -127,6 +128,7 @@ class Trainer:
             batch_sampler=sampler,
             collate_fn=self.collate_train,
             num_workers=self.cfg.data.num_workers,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),  # keeps the global RNG untouched
         )
         return iter(loader)
 

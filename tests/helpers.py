@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "data" / "shapes"
 # Set by an in-process run in another test; a subprocess must start its own process group.
 LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-TINY = ["model=models/tiny.yaml", "data.max_length=512", "train.batch_size=4", "eval.batch_size=8"]
+TINY = ["model=models/tiny.yaml", "data.max_length=512", "train.log_every=1", "train.batch_size=4", "eval.batch_size=8"]
 
 
 def shapes_subset(folder: Path, n_train: int = 32, n_test: int = 8) -> dict[str, Path]:
