@@ -51,6 +51,7 @@ class Trainer:
         import deepspeed
 
         groups = self._set_trainable()
+        n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
         if self.cfg.train.gradient_checkpointing:
             self.model.llm.gradient_checkpointing_enable({"use_reentrant": False})
         optimizer = self._optimizer(groups)
@@ -62,7 +63,6 @@ class Trainer:
         self.step = checkpoint.load(self.engine, resume_from) if resume_from else 0
         if self.rank == 0:
             self._truncate_metrics(self.step)
-            n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
             tqdm.write(f"trainable parameters: {n_trainable:,} in {', '.join(sorted(groups))}")
 
     def _set_trainable(self) -> dict[str, dict[str, torch.nn.Parameter]]:
