@@ -53,7 +53,7 @@ class Trainer:
         groups = self._set_trainable()
         n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
         if self.cfg.train.gradient_checkpointing:
-            self.model.llm.gradient_checkpointing_enable({"use_reentrant": False})
+            self.model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = self._optimizer(groups)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(

@@ -1,0 +1,92 @@
+"""MultimodalLM: image insertion, loss paths, gradient checkpointing, KV-cache generation."""
+
+import pytest
+import torch
+
+import mmadapt
+from mmadapt.adapters import adapter_parameters
+from mmadapt.errors import InputError
+from tests.helpers import REPO
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    cfg = mmadapt.load_config(REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", "adapters.0.dropout=0"])
+    built = mmadapt.build_model(cfg)
+    for param in adapter_parameters(built.llm).values():
+        torch.nn.init.normal_(param, std=0.1)  # as if trained: B no longer zero
+    return built
+
+
+def _batch(n_images=2, tokens_per_image=9):
+    slots = [-1] * tokens_per_image
+    row0 = [1, 5, *slots, 6, 7, *slots, 8, 9, 10]
+    row1 = [1, 5, 6, 7, 8, 9, 10, 11] + [2] * (len(row0) - 8)
+    ids = torch.tensor([row0, row1])
+    mask = torch.tensor([[1] * len(row0), [1] * 8 + [0] * (len(row0) - 8)])
+    labels = ids.masked_fill(ids < 0, -100).masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    return ids, mask, torch.randn(n_images, 3, 48, 48), labels
+
+
+def test_labelled_only_loss_equals_full_logits_loss(model):
+    ids, mask, images, labels = _batch()
+    model.eval()
+    full = model(ids, mask, images, labels).loss
+    labelled = model(ids, mask, images, labels, return_logits=False).loss
+    torch.testing.assert_close(labelled, full)
+
+
+def test_image_slots_must_match_images(model):
+    ids, mask, images, _ = _batch()
+    with pytest.raises(InputError, match="18 image slots but 1 images"):
+        model(ids, mask, images[:1])
+    with pytest.raises(InputError, match="image slots but no images"):
+        model(ids, mask)
+
+
+def test_text_only_input_is_the_base_llm(model):
+    ids = torch.randint(0, 200, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model.llm(input_ids=ids).logits)
+
+
+def _adapter_grads(model, batch):
+    model.zero_grad()
+    ids, mask, images, labels = batch
+    model(ids, mask, images, labels, return_logits=False).loss.backward()
+    grads = {n: p.grad.clone() for n, p in adapter_parameters(model.llm).items()}
+    assert all(g.abs().sum() > 0 for g in grads.values())
+    return grads
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_frozen_llm_and_encoder_with_checkpointing_still_train_adapters(model, reentrant):
+    for name, param in model.named_parameters():
+        param.requires_grad_(".mmadapt." in name)
+    model.train()
+    batch = _batch()
+    reference = _adapter_grads(model, batch)
+    model.llm.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    checkpointed = _adapter_grads(model, batch)
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
+def test_generation_with_kv_cache_equals_without(model):
+    image_prompt = [1, 5, *[-1] * 9, 6, 7]
+    text_prompt = [1, 5, 6, 7, 8, 9, 10, 11]
+    pad = len(image_prompt) - len(text_prompt)
+    ids = torch.tensor([image_prompt, [2] * pad + text_prompt])
+    mask = torch.tensor([[1] * len(image_prompt), [0] * pad + [1] * len(text_prompt)])
+    images = torch.randn(1, 3, 48, 48)
+    model.eval()
+    cached = model.generate(ids, mask, images, max_new_tokens=12, use_cache=True)
+    uncached = model.generate(ids, mask, images, max_new_tokens=12, use_cache=False)
+    assert torch.equal(cached, uncached)
+    adapted = model.generate(ids, mask, images, max_new_tokens=12)
+    with mmadapt.disable_adapters(model):
+        base = model.generate(ids, mask, images, max_new_tokens=12)
+    assert torch.equal(base[1], adapted[1]), "the text-only row must not change"
