@@ -23,8 +23,8 @@ from . import checkpoint, distributed
 from .config import Config
 from .data.collate import Collator
 from .export import gathered_state, save_adapter
-from .metrics import metric
-from .model import IGNORE, MultimodalLM
+from .evaluate import eval_loss, task_accuracy
+from .model import MultimodalLM
 
 
 class Trainer:
@@ -42,9 +42,7 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.stop_requested = False
-        pad = model.tokenizer.pad_token_id
-        self.collate_train = Collator(pad, padding_side="right")
-        self.collate_prompt = Collator(pad, padding_side="left")
+        self.collate_train = Collator(model.tokenizer.pad_token_id, padding_side="right")
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self, resume_from: Path | None) -> None:
@@ -122,7 +120,7 @@ class Trainer:
     # ---- data --------------------------------------------------------------------------
     def _micro_batches(self, start: int) -> Iterator[dict]:
         """Endless micro-batches in a seeded order; ``start`` skips those already consumed."""
-        sampler = list(_rank_batches(len(self.train_set), self.cfg, self.rank, self.world, start))
+        sampler = list(_rank_batches(self.train_set.lengths, self.cfg, self.rank, self.world, start))
         loader = DataLoader(
             self.train_set,
             batch_sampler=sampler,
@@ -134,10 +132,16 @@ class Trainer:
 
     # ---- train -------------------------------------------------------------------------
     def train(self) -> None:
-        """Run until ``train.max_steps``, then export the trained weights."""
+        """Run until ``train.max_steps``, then export; Ctrl-C or SIGTERM checkpoints and stops."""
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._train_loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train_loop(self) -> None:
         train = self.cfg.train
-        signal.signal(signal.SIGTERM, self._request_stop)
-        signal.signal(signal.SIGINT, self._request_stop)
         batches = self._micro_batches(self.step * train.grad_accum)
         bar = tqdm(total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         self.engine.train()
@@ -191,50 +195,15 @@ class Trainer:
         """Held-out loss and the task metric on generated answers; logged as an eval row."""
         loss_set, generation_set = self.eval_sets
         self.engine.eval()
-        row = {"step": self.step, "eval_loss": self._eval_loss(loss_set), "eval_accuracy": self._eval_accuracy(generation_set)}
+        pad = self.model.tokenizer.pad_token_id
+        row = {
+            "step": self.step,
+            "eval_loss": eval_loss(self.engine, loss_set, pad, self.cfg.eval),
+            "eval_accuracy": task_accuracy(self.model, generation_set, self.cfg.eval),
+        }
         self.engine.train()
         self._log(row)
         return row
-
-    def _eval_loss(self, dataset) -> float:
-        loss_sum, token_count = 0.0, 0
-        for batch in self._eval_batches(dataset, self.collate_train):
-            out = self.engine(**_model_inputs(batch), return_logits=False)
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            loss_sum, token_count = loss_sum + out.loss.item() * n * batch["real"], token_count + n * batch["real"]
-        loss_sum, token_count = distributed.all_sum([loss_sum, token_count])
-        return loss_sum / max(token_count, 1)
-
-    def _eval_accuracy(self, dataset) -> float:
-        score = metric(self.cfg.eval.metric)
-        tokenizer = self.model.tokenizer
-        correct, total = 0, 0
-        for batch in self._eval_batches(dataset, self.collate_prompt):
-            generated = self.model.generate(
-                batch["input_ids"], batch["attention_mask"], batch.get("images"),
-                max_new_tokens=self.cfg.eval.max_new_tokens,
-            )
-            if not batch["real"]:
-                continue
-            for tokens, reference in zip(generated, batch["references"]):
-                answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                correct += int(score(answer, reference))
-                total += 1
-        correct, total = distributed.all_sum([correct, total])
-        return correct / max(total, 1)
-
-    def _eval_batches(self, dataset, collate) -> Iterator[dict]:
-        """This rank's share, in batches; every rank runs the same number (ZeRO-3 needs it)."""
-        size = self.cfg.eval.batch_size
-        per_rank = math.ceil(len(dataset) / self.world)
-        indices = list(range(self.rank, len(dataset), self.world))
-        for start in range(0, per_rank, size):
-            chunk = indices[start : start + size]
-            real = bool(chunk)
-            batch = collate([dataset[i] for i in (chunk or [0])])
-            batch["references"] = [dataset[i].get("reference") for i in chunk]
-            batch["real"] = int(real)
-            yield _to_device(batch)
 
     # ---- output ------------------------------------------------------------------------
     def export(self) -> None:
@@ -286,18 +255,32 @@ class Trainer:
         return bool(distributed.all_sum([float(self.stop_requested)])[0])
 
 
-def _rank_batches(n: int, cfg: Config, rank: int, world: int, start: int) -> Iterator[list[int]]:
-    """Index lists for this rank's micro-batches: per-epoch seeded permutations, ranks interleaved."""
+def _rank_batches(lengths: list[int], cfg: Config, rank: int, world: int, start: int) -> Iterator[list[int]]:
+    """Index lists for this rank's micro-batches in a seeded order; ``start`` skips consumed ones."""
     size = cfg.train.batch_size
-    per_epoch = n // (size * world)
+    per_epoch = len(lengths) // (size * world)
     if per_epoch == 0:
-        raise ValueError(f"data.train has {n} usable records, fewer than one global batch ({size * world})")
-    needed = cfg.train.max_steps * cfg.train.grad_accum
-    for index in range(start, needed):
+        raise ValueError(f"data.train has {len(lengths)} usable records, fewer than one global batch ({size * world})")
+    orders: dict[int, list[int]] = {}
+    for index in range(start, cfg.train.max_steps * cfg.train.grad_accum):
         epoch, position = divmod(index, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+        if epoch not in orders:
+            orders = {epoch: _epoch_order(lengths, size * world, cfg.data.group_by_length, cfg.train.seed * 1000 + epoch)}
         begin = (position * world + rank) * size
-        yield order[begin : begin + size].tolist()
+        yield orders[epoch][begin : begin + size]
+
+
+def _epoch_order(lengths: list[int], global_batch: int, group_by_length: bool, seed: int) -> list[int]:
+    """A permutation; grouped by length, each global batch holds neighbours in length (less padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    chunk = global_batch * 64
+    order = [i for s in range(0, len(order), chunk) for i in sorted(order[s : s + chunk], key=lengths.__getitem__)]
+    batches = [order[s : s + global_batch] for s in range(0, len(order) - global_batch + 1, global_batch)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
 
 
 def _model_inputs(batch: dict) -> dict:

@@ -27,3 +27,6 @@ class DataConfig(BaseModel):
     )
     eval_samples: int | None = Field(default=None, gt=0, description="use at most this many eval records; null: all")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    group_by_length: bool = Field(
+        default=True, description="batch samples of similar length together (less padding), in a seeded order"
+    )

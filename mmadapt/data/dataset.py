@@ -47,6 +47,11 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Token count of every item (for length-grouped batching)."""
+        return [len(ids) for ids in self.table["input_ids"]]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.table[index]
         item = {

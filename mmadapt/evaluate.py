@@ -1,0 +1,64 @@
+"""Held-out evaluation shared by the trainer and ``mmadapt eval``: loss and the task metric.
+
+Every rank walks its share of the eval set in the same number of batches, because
+under ZeRO-3 each forward is a collective; ranks without data run a dummy batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import distributed
+from .config import EvalConfig
+from .data.collate import Collator
+from .metrics import metric
+from .model import IGNORE, MultimodalLM
+
+
+def rank_batches(dataset, collate: Collator, batch_size: int) -> Iterator[dict]:
+    """This rank's share of ``dataset`` in batches; ``batch["real"]`` is 0 on padding batches."""
+    rank, world = distributed.rank(), distributed.world_size()
+    indices = list(range(rank, len(dataset), world))
+    for start in range(0, math.ceil(len(dataset) / world), batch_size):
+        chunk = indices[start : start + batch_size]
+        batch = collate([dataset[i] for i in (chunk or [0])])
+        batch["references"] = [dataset[i].get("reference") for i in chunk]
+        batch["real"] = int(bool(chunk))
+        device = distributed.device()
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def eval_loss(forward: nn.Module, dataset, pad_token_id: int, cfg: EvalConfig) -> float:
+    """Token-weighted cross-entropy on assistant text over the whole eval set (all ranks)."""
+    loss_sum, token_count = 0.0, 0
+    for batch in rank_batches(dataset, Collator(pad_token_id, padding_side="right"), cfg.batch_size):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "images", "labels")}
+        loss = forward(**inputs, return_logits=False).loss.item()
+        n = int((batch["labels"][:, 1:] != IGNORE).sum()) * batch["real"]
+        loss_sum, token_count = loss_sum + loss * n, token_count + n
+    loss_sum, token_count = distributed.all_sum([loss_sum, token_count])
+    return loss_sum / max(token_count, 1)
+
+
+@torch.no_grad()
+def task_accuracy(model: MultimodalLM, dataset, cfg: EvalConfig) -> float:
+    """Fraction of prompts whose greedy answer satisfies ``cfg.metric`` against the reference."""
+    score = metric(cfg.metric)
+    collate = Collator(model.tokenizer.pad_token_id, padding_side="left")
+    correct, total = 0, 0
+    for batch in rank_batches(dataset, collate, cfg.batch_size):
+        generated = model.generate(
+            batch["input_ids"], batch["attention_mask"], batch.get("images"), max_new_tokens=cfg.max_new_tokens
+        )
+        if not batch["real"]:
+            continue
+        for tokens, reference in zip(generated, batch["references"]):
+            correct += int(score(model.tokenizer.decode(tokens, skip_special_tokens=True), reference))
+            total += 1
+    correct, total = distributed.all_sum([correct, total])
+    return correct / max(total, 1)
