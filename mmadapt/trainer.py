@@ -7,6 +7,7 @@ one process or many, CPU (gloo) or GPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import Config
+from .config import Config, TrainConfig
 from .data.collate import Collator
 from .export import gathered_state, save_adapter
 from .evaluate import eval_loss, task_accuracy
@@ -53,7 +54,7 @@ class Trainer:
         if self.cfg.train.gradient_checkpointing:
             self.model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = self._optimizer(groups)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, train=self.cfg.train))
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self._deepspeed_config()
         )
@@ -90,14 +91,6 @@ class Trainer:
 
             return DeepSpeedCPUAdam(param_groups, lr=train.lr, adamw_mode=True)
         return torch.optim.AdamW(param_groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up to 1, then cosine down to ``train.min_lr_ratio`` at ``max_steps``."""
-        train = self.cfg.train
-        if step < train.warmup_steps:
-            return (step + 1) / (train.warmup_steps + 1)
-        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def _deepspeed_config(self) -> dict:
         ds, train = self.cfg.deepspeed, self.cfg.train
@@ -168,7 +161,7 @@ class Trainer:
 
     def _train_step(self, batches: Iterator[dict]) -> dict:
         started = time.perf_counter()
-        lr = self.cfg.train.lr * self.lr_factor(self.step)
+        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg.train)
         loss_sum, tokens, samples = 0.0, 0, 0
         for _ in range(self.cfg.train.grad_accum):
             batch = _to_device(next(batches))
@@ -253,6 +246,14 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         return bool(distributed.all_sum([float(self.stop_requested)])[0])
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine down to ``train.min_lr_ratio`` at ``max_steps``."""
+    if step < train.warmup_steps:
+        return (step + 1) / (train.warmup_steps + 1)
+    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _rank_batches(lengths: list[int], cfg: Config, rank: int, world: int, start: int) -> Iterator[list[int]]:
