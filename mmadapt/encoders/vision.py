@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 from torchvision.transforms import v2
@@ -52,6 +52,11 @@ class VisionConfig(BaseModel):
         description="extra arguments for timm.create_model (e.g. depth, embed_dim) or "
         "open_clip.create_model (e.g. vision_cfg, which replaces the named one whole)",
     )
+    stem: Literal["patch", "conv"] = Field(
+        "patch",
+        description="patch: the model's own patchify layer; conv: stride-2 3x3 convolutions in its "
+        "place (same grid; ViTs trained from scratch converge faster; timm only, random init only)",
+    )
     pool: int = Field(
         1, ge=1, description="average-pool the patch grid by this factor per side to cut tokens; 1 = off"
     )
@@ -63,6 +68,13 @@ class VisionConfig(BaseModel):
         default_factory=lambda: list(OPENAI_CLIP_STD), min_length=3, max_length=3,
         description="per-channel normalisation std (RGB)",
     )
+
+
+    @model_validator(mode="after")
+    def _conv_stem_is_random_timm(self) -> "VisionConfig":
+        if self.stem == "conv" and (self.library != "timm" or self.weights is not None):
+            raise ValueError("vision.stem: conv needs a timm ViT with random weights (vision.weights: null)")
+        return self
 
 
 class VisionEncoder(nn.Module):
@@ -162,9 +174,30 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         backbone, grid, width = build(cfg)
     except TypeError as e:  # a constructor argument the model does not take
         raise ValueError(f"vision.kwargs: {cfg.library} cannot build {cfg.name!r} with {cfg.kwargs}: {e}") from e
+    if cfg.stem == "conv":
+        _replace_patchify_with_convs(backbone, cfg)
     if grid[0] % cfg.pool or grid[1] % cfg.pool:
         raise ValueError(f"vision.pool: {cfg.pool} does not divide the {grid[0]}x{grid[1]} patch grid of {cfg.name!r}")
     return VisionEncoder(backbone, cfg, grid, width)
+
+
+def _replace_patchify_with_convs(backbone: nn.Module, cfg: VisionConfig) -> None:
+    """Early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better")."""
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d):
+        raise ValueError(f"vision.stem: conv needs a patchify convolution, {cfg.name!r} has none")
+    patch = proj.stride[0]
+    steps = patch.bit_length() - 1
+    if 2**steps != patch or proj.stride[0] != proj.stride[1]:
+        raise ValueError(f"vision.stem: conv needs a square power-of-two patch size, got {proj.stride}")
+    width = proj.out_channels
+    channels = [proj.in_channels, *[width >> (steps - i) for i in range(1, steps)], width]
+    layers: list[nn.Module] = []
+    for index in range(steps):
+        layers.append(nn.Conv2d(channels[index], channels[index + 1], 3, stride=2, padding=1))
+        if index < steps - 1:
+            layers.append(nn.GELU())
+    backbone.patch_embed.proj = nn.Sequential(*layers)
 
 
 def _build_timm(cfg: VisionConfig) -> tuple[nn.Module, tuple[int, int], int]:

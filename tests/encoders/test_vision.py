@@ -184,3 +184,19 @@ def test_timm_weights_with_classifier_head_load(tmp_path):
                                             kwargs={"depth": 1}))
 
     assert torch.equal(enc.backbone.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+
+
+def test_conv_stem_keeps_the_grid_and_trains():
+    cfg = VisionConfig(name="vit_tiny_patch16_224", image_size=32, kwargs={"patch_size": 8, "depth": 1}, stem="conv")
+    encoder = build_vision_encoder(cfg)
+    convs = [m for m in encoder.backbone.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 and convs[-1].out_channels == encoder.width
+    tokens = encoder(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 16, encoder.width)
+    tokens.sum().backward()
+    assert convs[0].weight.grad.abs().sum() > 0
+
+
+def test_conv_stem_refuses_pretrained_weights(tmp_path):
+    with pytest.raises(ValueError, match="vision.stem"):
+        VisionConfig(name="vit_tiny_patch16_224", image_size=32, weights=str(tmp_path / "w.pt"), stem="conv")
