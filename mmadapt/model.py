@@ -51,7 +51,9 @@ class MultimodalLM(nn.Module):
             if slots.any():
                 raise InputError(f"the batch has {int(slots.sum())} image slots but no images")
             return embeds, modality
-        tokens = self.projectors["image"](self.encoders["image"](images))  # (N, n, D)
+        encoder = self.encoders["image"]
+        pixels = images.to(next(encoder.parameters()).dtype)  # bf16 engines cast weights, not inputs
+        tokens = self.projectors["image"](encoder(pixels))  # (N, n, D)
         if int(slots.sum()) != tokens.shape[0] * tokens.shape[1]:
             raise InputError(
                 f"the batch has {int(slots.sum())} image slots but {tokens.shape[0]} images "
