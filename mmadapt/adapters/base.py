@@ -66,17 +66,20 @@ class AdapterStack(nn.ModuleDict):
         object.__setattr__(self, "context", context)
 
     def add_deltas(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_flat = x.reshape(-1, x.shape[-1])
-        y_flat = None
+        x_flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        y_flat = y.reshape(-1, y.shape[-1])  # (N, out)
+        changed = False
         for adapter in self.values():
             rows = self.context.rows(adapter.modalities, x)
             if rows is None:
                 continue
-            delta = adapter(x_flat.index_select(0, rows))  # (N_rows, out)
-            if y_flat is None:
-                y_flat = y.reshape(-1, y.shape[-1])
-            y_flat = y_flat.index_add(0, rows, delta.to(y_flat.dtype))
-        return y if y_flat is None else y_flat.view_as(y)
+            changed = True
+            if rows.numel() == x_flat.shape[0]:  # every row (sorted, unique): skip gather/scatter
+                y_flat = y_flat + adapter(x_flat).to(y_flat.dtype)
+            else:
+                delta = adapter(x_flat.index_select(0, rows))  # (N_rows, out)
+                y_flat = y_flat.index_add(0, rows, delta.to(y_flat.dtype))
+        return y_flat.view_as(y) if changed else y
 
 
 def apply_stack_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
