@@ -104,3 +104,17 @@ def test_regex_targets():
     model = tiny_causal_lm()
     placed = inject(model, [{"type": "plora", "targets": [r"re:model\.layers\.0\..*_proj"]}])
     assert len(placed["plora"]) == 7
+
+
+def test_text_modality_adapter_is_plain_lora_on_every_row():
+    model = tiny_causal_lm()
+    inject(model, [{"type": "plora", "modalities": ["text"], "targets": ["q_proj"], "r": 4, "alpha": 4}])
+    _randomize(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    adapter = layer.mmadapt["plora"]
+    x = torch.randn(2, 10, 32)
+    expected = x @ (layer.weight + adapter.lora_B.weight @ adapter.lora_A.weight).T
+    torch.testing.assert_close(layer(x), expected)
+    with modality_ids(model, _image_ids()):
+        text_rows = (_image_ids() == TEXT).unsqueeze(-1)
+        torch.testing.assert_close(layer(x), torch.where(text_rows, expected, x @ layer.weight.T))
