@@ -57,6 +57,10 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 where supported (GPU)")
     trainable: list[Trainable] = Field(["adapters", "projector"], description="which parts train")
     gradient_checkpointing: bool = Field(False, description="recompute LLM layers in backward")
+    align_steps: int = Field(
+        0, ge=0, description="first steps use the cheap image-text alignment loss (no LLM pass) to warm up "
+        "encoders trained from scratch; the LM loss follows",
+    )
     save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only at the end")
     keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
     log_every: int = Field(1, gt=0, description="metrics.jsonl row every N steps")

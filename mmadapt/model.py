@@ -51,15 +51,19 @@ class MultimodalLM(nn.Module):
             if slots.any():
                 raise InputError(f"the batch has {int(slots.sum())} image slots but no images")
             return embeds, modality
-        encoder = self.encoders["image"]
-        pixels = images.to(next(encoder.parameters()).dtype)  # bf16 engines cast weights, not inputs
-        tokens = self.projectors["image"](encoder(pixels))  # (N, n, D)
+        tokens = self.encode_images(images)  # (N, n, D)
         if int(slots.sum()) != tokens.shape[0] * tokens.shape[1]:
             raise InputError(
                 f"the batch has {int(slots.sum())} image slots but {tokens.shape[0]} images "
                 f"x {tokens.shape[1]} tokens each"
             )
         return embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype)), modality
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[N, 3, H, W]`` -> projected image tokens ``[N, n, D]``."""
+        encoder = self.encoders["image"]
+        pixels = images.to(next(encoder.parameters()).dtype)  # bf16 engines cast weights, not inputs
+        return self.projectors["image"](encoder(pixels))
 
     def forward(
         self,
@@ -68,6 +72,7 @@ class MultimodalLM(nn.Module):
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        align: bool = False,
     ) -> CausalLMOutputWithPast:
         """Run the LLM on text + image tokens.
 
@@ -78,10 +83,14 @@ class MultimodalLM(nn.Module):
             labels: ``[B, T]`` with ``-100`` where no loss is taken.
             return_logits: with labels, False skips the full ``[B, T, V]`` logits; the loss then
                 runs the LM head only on labelled positions.
+            align: instead of the LM loss, the cheap alignment loss of :meth:`alignment_loss`
+                (no LLM pass).
 
         Returns:
             ``CausalLMOutputWithPast`` with ``loss`` (when labels) and ``logits``.
         """
+        if align:
+            return CausalLMOutputWithPast(loss=self.alignment_loss(input_ids, images, labels))
         embeds, modality = self.embed(input_ids, images)
         if self.training and torch.is_grad_enabled() and not embeds.requires_grad:
             # Reentrant checkpointing only backpropagates into layers whose inputs need grad.
@@ -99,6 +108,27 @@ class MultimodalLM(nn.Module):
         keep = targets != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])  # (N_labelled, V)
         return F.cross_entropy(logits.float(), targets[keep])
+
+    def alignment_loss(self, input_ids: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Contrastive loss pulling each sample's mean image token towards the mean input
+        embedding of its labelled (answer) tokens, against the other samples of the batch.
+
+        A cheap first stage for encoders trained from scratch: it needs no LLM pass, and
+        afterwards image tokens already sit near the embeddings of the words that describe
+        them, which the frozen LLM can read.
+        """
+        tokens = self.encode_images(images)  # (N, n, D)
+        per_sample = (input_ids == -IMAGE).sum(1) // tokens.shape[1]  # images per sample
+        owner = torch.repeat_interleave(torch.arange(len(input_ids), device=input_ids.device), per_sample)
+        has_image = per_sample > 0
+        image = torch.zeros(len(input_ids), tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+        image = image.index_add(0, owner, tokens.mean(1))[has_image] / per_sample[has_image, None]
+        embed = self.llm.get_input_embeddings()
+        answer = labels != IGNORE
+        text = torch.stack([embed(ids[keep]).mean(0) for ids, keep in zip(labels[has_image], answer[has_image])])
+        logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / 0.07  # (B', B')
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     @torch.no_grad()
     def generate(

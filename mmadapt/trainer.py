@@ -165,7 +165,8 @@ class Trainer:
         loss_sum, tokens, samples = 0.0, 0, 0
         for _ in range(self.cfg.train.grad_accum):
             batch = _to_device(next(batches))
-            out = self.engine(**_model_inputs(batch), return_logits=False)
+            align = self.step < self.cfg.train.align_steps
+            out = self.engine(**_model_inputs(batch), return_logits=False, align=align)
             self.engine.backward(out.loss)
             self.engine.step()
             loss_sum += out.loss.item()
@@ -173,9 +174,11 @@ class Trainer:
             samples += len(batch["input_ids"])
         loss_sum, tokens, samples = distributed.all_sum([loss_sum, tokens, samples])
         seconds = time.perf_counter() - started
+        loss = loss_sum / (self.cfg.train.grad_accum * self.world)
         return {
             "step": self.step + 1,
-            "loss": loss_sum / (self.cfg.train.grad_accum * self.world),
+            "loss": loss,
+            **({"loss_align": loss} if self.step < self.cfg.train.align_steps else {}),
             "lr": lr,
             "tokens_per_s": tokens / seconds,
             "samples_per_s": samples / seconds,

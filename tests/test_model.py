@@ -90,3 +90,18 @@ def test_generation_with_kv_cache_equals_without(model):
     with mmadapt.disable_adapters(model):
         base = model.generate(ids, mask, images, max_new_tokens=12)
     assert torch.equal(base[1], adapted[1]), "the text-only row must not change"
+
+
+def test_alignment_loss_trains_encoder_and_projector_only(model):
+    ids, _, _, labels = _batch()  # its first row holds two images
+    batch_ids = torch.cat([ids[:1]] * 3)
+    batch_labels = torch.cat([labels[:1]] * 3)
+    batch_labels[1, -3:] = torch.tensor([20, 21, 22])
+    batch_labels[2, -3:] = torch.tensor([30, 31, 32])
+    loss = model(batch_ids, images=torch.randn(6, 3, 48, 48), labels=batch_labels, align=True).loss
+    loss.backward()
+    groups = model.parameter_groups()
+    assert loss > 0
+    assert all(p.grad is not None for p in groups["vision"].values() if p.requires_grad)
+    assert all(p.grad is not None for p in groups["projector"].values())
+    assert all(p.grad is None for p in groups["adapters"].values())
