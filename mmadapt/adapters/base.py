@@ -10,6 +10,8 @@ tokens, and a sequence without such tokens returns the base output bit for bit.
 
 from __future__ import annotations
 
+import abc
+
 from typing import ClassVar
 
 import torch
@@ -44,7 +46,7 @@ class AdapterSpec(BaseModel):
         return modalities
 
 
-class Adapter(nn.Module):
+class Adapter(nn.Module, abc.ABC):
     """Base class: subclasses build parameters in ``__init__`` and define ``forward(x_rows)``."""
 
     spec_class: ClassVar[type[AdapterSpec]] = AdapterSpec
@@ -54,8 +56,9 @@ class Adapter(nn.Module):
         self.spec = spec
         self.modalities = frozenset(MODALITIES[m] for m in spec.modalities)
 
+    @abc.abstractmethod
     def forward(self, x_rows: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
-        raise NotImplementedError
+        """The delta on the selected rows only."""
 
 
 class AdapterStack(nn.ModuleDict):
