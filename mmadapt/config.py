@@ -112,6 +112,13 @@ class Config(Strict):
                 raise ValueError(_describe(error, prefix=f"adapters.{index}", model=spec_class)) from None
             except ValueError as error:
                 raise ValueError(f"config key 'adapters.{index}.type': {error}") from None
+        if self.train.align_steps >= self.train.max_steps:
+            raise ValueError(
+                f"config key 'train.align_steps': {self.train.align_steps} leaves no LM step "
+                f"before train.max_steps={self.train.max_steps}"
+            )
+        if self.train.align_steps and self.model.vision is None:
+            raise ValueError("config key 'train.align_steps': the alignment stage needs a vision encoder")
         if "vision" in self.train.trainable and self.model.vision is None:
             raise ValueError("train.trainable lists vision but the model has no vision encoder")
         return self

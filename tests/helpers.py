@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "data" / "shapes"
 # Set by an in-process run in another test; a subprocess must start its own process group.
 LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-TINY = ["model=models/tiny.yaml", "data.max_length=512", "train.log_every=1", "train.batch_size=4", "eval.batch_size=8"]
+TINY = [
+    "model=models/tiny.yaml", "data.max_length=512", "train.log_every=1", "train.align_steps=0",
+    "train.batch_size=4", "eval.batch_size=8",
+]
 
 
 def shapes_subset(folder: Path, n_train: int = 32, n_test: int = 8) -> dict[str, Path]:
@@ -36,9 +39,14 @@ def tiny_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
 def run_train(overrides: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``train.py`` with the xcomposer recipe as a subprocess (plain python unless a launcher is given)."""
     command = [*(launcher or [sys.executable]), "train.py", "--config", "configs/xcomposer.yaml", *overrides]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=train_env())
+
+
+def train_env() -> dict[str, str]:
+    """This environment without a launcher's variables (an in-process run may have set them)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return env
 
 
 def metrics(out: Path) -> list[dict]:

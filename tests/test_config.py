@@ -24,7 +24,7 @@ def test_every_preset_validates_with_the_xcomposer_recipe(preset):
 def test_overrides_parse_values_as_yaml():
     cfg = load_config(
         REPO / "configs" / "xcomposer.yaml",
-        ["model=models/tiny.yaml", "train.max_steps=8", "deepspeed.zero_stage=3", "adapters.0.r=4",
+        ["model=models/tiny.yaml", "train.max_steps=8", "train.align_steps=0", "deepspeed.zero_stage=3", "adapters.0.r=4",
          "train.trainable=[adapters]", "data.eval=null"],
     )
     assert (cfg.train.max_steps, cfg.deepspeed.zero_stage, cfg.adapters[0]["r"]) == (8, 3, 4)
@@ -50,6 +50,7 @@ def test_adapters_list_replaces_the_presets_whole():
         ("adapters.0.type=flora", "flora_opt"),
         ("model=models/none.yaml", "model preset 'models/none.yaml'"),
         ("train.max_steps", "must look like dotted.key=value"),
+        ("train.max_steps=300", "config key 'train.align_steps': 300 leaves no LM step"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import mmadapt
 from mmadapt.adapters import adapter_parameters
-from tests.helpers import REPO, metrics, run_train, shapes_subset, tiny_overrides
+from tests.helpers import REPO, metrics, run_train, shapes_subset, tiny_overrides, train_env
 
 TRAIN_KEYS = {"step", "loss", "lr", "tokens_per_s", "samples_per_s", "peak_mem_mb"}
 
@@ -79,7 +79,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 
     resumed = tmp_path / "resumed"
     command = [sys.executable, "train.py", "--config", "configs/xcomposer.yaml", *tiny_overrides(data, resumed, *args)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (resumed / "checkpoints" / "step-8" / "COMPLETE").exists():
         assert process.poll() is None and time.time() < deadline, "run ended before its step-8 checkpoint"

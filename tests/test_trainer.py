@@ -6,7 +6,7 @@ from tests.helpers import REPO
 
 
 def _cfg(*overrides):
-    return mmadapt.load_config(REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", *overrides])
+    return mmadapt.load_config(REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", "train.align_steps=0", *overrides])
 
 
 def test_rank_batches_are_disjoint_deterministic_and_resumable():
