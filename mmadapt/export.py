@@ -25,8 +25,8 @@ def gathered_state(module: nn.Module, names: set[str]) -> dict[str, torch.Tensor
     """Full copies of the named parameters/buffers, gathering ZeRO-3 partitions if needed."""
     params = [p for n, p in module.named_parameters() if n in names]
     with _gathered(params):
-        state = {n: t.detach().cpu().clone() for n, t in module.state_dict(keep_vars=True).items() if n in names}
-    return _without_shared(state)
+        # Cloned one by one, so tied tensors become separate copies safetensors can write.
+        return {n: t.detach().cpu().clone().contiguous() for n, t in module.state_dict(keep_vars=True).items() if n in names}
 
 
 def _gathered(params: list[nn.Parameter]):
@@ -35,10 +35,6 @@ def _gathered(params: list[nn.Parameter]):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
-
-
-def _without_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
 def save_base(model: nn.Module, output_dir: Path, names: set[str]) -> None:
