@@ -33,7 +33,11 @@ def save(engine, output_dir: Path, step: int, keep_last: int) -> Path:
     """Save engine, optimizer, scheduler and per-rank RNG state; mark complete; prune old ones."""
     tag = f"step-{step}"
     folder = checkpoint_root(output_dir) / tag
-    engine.save_checkpoint(str(checkpoint_root(output_dir)), tag=tag, client_state={"step": step})
+    # Frozen weights come from the preset (or base.safetensors): saving them would cost a full
+    # model copy per checkpoint.
+    engine.save_checkpoint(
+        str(checkpoint_root(output_dir)), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True
+    )
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(torch.get_rng_state(), folder / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
@@ -65,7 +69,7 @@ def resolve_resume(output_dir: Path, resume: str) -> Path | None:
 
 def load(engine, folder: Path) -> int:
     """Restore a checkpoint into ``engine`` and this rank's RNG; returns its step."""
-    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False)
     if client_state is None:
         raise InputError(f"checkpoint {folder} could not be loaded by DeepSpeed")
     rng = folder / f"rng_rank{distributed.rank()}.pt"
