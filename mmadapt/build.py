@@ -8,6 +8,7 @@ import torch
 
 from .adapters import inject
 from .config import Config, load_config
+from .data.dataset import build_dataset
 from .encoders.vision import build_vision_encoder
 from .errors import InputError
 from .export import load_weights, read_adapter_config
@@ -43,6 +44,19 @@ def build_model(cfg: Config) -> MultimodalLM:
     model.base_fingerprint = fingerprint
     model.random_parts = sorted(random_parts)
     return model
+
+
+def model_dataset(cfg: Config, model: MultimodalLM, path: str, for_generation: bool = False):
+    """Read and tokenize ``path`` for ``model`` (its tokenizer, image token count and preprocessing).
+
+    Returns:
+        ``(ConversationDataset, skipped Counter)`` as :func:`mmadapt.data.dataset.build_dataset`.
+    """
+    encoder = model.encoders["image"] if "image" in model.encoders else None
+    return build_dataset(
+        path, model.tokenizer, cfg.data, encoder.num_tokens if encoder else 0,
+        encoder.preprocess if encoder else None, for_generation=for_generation,
+    )
 
 
 def random_tensor_names(model: MultimodalLM) -> set[str]:

@@ -31,19 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(output_dir: str) -> dict:
-    from .build import load_trained
+    from .build import load_trained, model_dataset
     from .config import load_config
-    from .data.dataset import build_dataset
     from .evaluate import eval_loss, task_accuracy
 
     cfg = load_config(f"{output_dir}/config.yaml")
     if cfg.data.eval is None:
         raise InputError(f"{output_dir}/config.yaml has no data.eval to evaluate on")
     model = load_trained(output_dir)
-    encoder = model.encoders["image"] if "image" in model.encoders else None
-    build = lambda **kw: build_dataset(  # noqa: E731
-        cfg.data.eval, model.tokenizer, cfg.data, encoder.num_tokens if encoder else 0,
-        encoder.preprocess if encoder else None, **kw,
-    )
-    loss = eval_loss(model, build()[0], model.tokenizer.pad_token_id, cfg.eval)
-    return {"eval_loss": loss, "eval_accuracy": task_accuracy(model, build(for_generation=True)[0], cfg.eval)}
+    loss_set, _ = model_dataset(cfg, model, cfg.data.eval)
+    generation_set, _ = model_dataset(cfg, model, cfg.data.eval, for_generation=True)
+    loss = eval_loss(model, loss_set, model.tokenizer.pad_token_id, cfg.eval)
+    return {"eval_loss": loss, "eval_accuracy": task_accuracy(model, generation_set, cfg.eval)}

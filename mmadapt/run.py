@@ -11,9 +11,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import checkpoint, distributed
-from .build import build_model, random_tensor_names
+from .build import build_model, model_dataset, random_tensor_names
 from .config import Config, load_config, save_config
-from .data.dataset import build_dataset
 from .errors import InputError
 from .export import save_base
 
@@ -60,17 +59,13 @@ def train(cfg: Config) -> None:
 
 
 def _datasets(cfg: Config, model):
-    encoder = model.encoders["image"] if "image" in model.encoders else None
-    image_tokens = encoder.num_tokens if encoder else 0
-    preprocess = encoder.preprocess if encoder else None
-    build = lambda path, **kw: build_dataset(path, model.tokenizer, cfg.data, image_tokens, preprocess, **kw)  # noqa: E731
-    train_set, skipped = build(cfg.data.train)
+    train_set, skipped = model_dataset(cfg, model, cfg.data.train)
     _report_skipped(cfg.data.train, skipped, cfg)
     if cfg.data.eval is None:
         return train_set, None
-    loss_set, skipped = build(cfg.data.eval)
+    loss_set, skipped = model_dataset(cfg, model, cfg.data.eval)
     _report_skipped(cfg.data.eval, skipped, cfg)
-    generation_set, _ = build(cfg.data.eval, for_generation=True)
+    generation_set, _ = model_dataset(cfg, model, cfg.data.eval, for_generation=True)
     return train_set, (loss_set, generation_set)
 
 
