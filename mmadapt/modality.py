@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -40,12 +40,14 @@ def modality_index(name: str) -> int:
 class ModalityState:
     """What adapters see during one forward: token modalities and the disable flag.
 
-    ``ids`` is ``LongTensor[B, T]`` or None (every token is text).
+    ``ids`` is ``LongTensor[B, T]`` or None (every token is text); ``examples`` is
+    ``LongTensor[B]``, each example's adapter index for per-example adapters, or None.
     """
 
     ids: torch.Tensor | None = None
     disabled: bool = False
-    _rows: dict = field(default_factory=dict, compare=False, repr=False)
+    examples: torch.Tensor | None = None
+    _rows: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def rows(self, modalities: frozenset[int], batch_shape: torch.Size) -> torch.Tensor | None:
         """Flat row indices (into ``x.reshape(-1, d)``) of tokens in ``modalities``.
@@ -96,6 +98,16 @@ class ModalityContext:
     def rows(self, modalities: frozenset[int], x: torch.Tensor) -> torch.Tensor | None:
         rows = self.state.rows(modalities, x.shape[:-1])
         return None if rows is None else rows.to(x.device)
+
+    def row_examples(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The example index of each selected row of ``x`` (``[B, T, d]`` or ``[B, d]``)."""
+        examples = self.state.examples
+        if examples is None:
+            raise RuntimeError("a per-example adapter needs example_adapters(model, index) around the forward")
+        if examples.shape != x.shape[:1]:
+            raise RuntimeError(f"example_adapters got {examples.shape[0]} indices for a batch of {x.shape[0]}")
+        tokens_per_example = x[0].numel() // x.shape[-1]
+        return examples.to(x.device)[rows // tokens_per_example]
 
     def guard_checkpointing(self, root: nn.Module) -> None:
         """Make every checkpointed layer under ``root`` recompute with its forward-time state."""
@@ -156,7 +168,7 @@ def modality_ids(model: nn.Module, ids: torch.Tensor | None) -> Iterator[None]:
     outer ids on exit.
     """
     context = context_of(model)
-    with context.using(ModalityState(ids=ids, disabled=context.state.disabled)):
+    with context.using(replace(context.state, ids=ids)):
         yield
 
 
@@ -164,5 +176,14 @@ def modality_ids(model: nn.Module, ids: torch.Tensor | None) -> Iterator[None]:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as the base LM: every adapter is skipped inside the block."""
     context = context_of(model)
-    with context.using(ModalityState(ids=context.state.ids, disabled=True)):
+    with context.using(replace(context.state, disabled=True)):
+        yield
+
+
+@contextlib.contextmanager
+def example_adapters(model: nn.Module, index: torch.Tensor) -> Iterator[None]:
+    """Within the block, example ``b`` of a batch uses adapter ``index[b]`` of every
+    per-example adapter (``flora_batched``); ``index`` is ``LongTensor[B]``."""
+    context = context_of(model)
+    with context.using(replace(context.state, examples=index)):
         yield

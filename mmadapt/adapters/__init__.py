@@ -1,9 +1,10 @@
 """Modality-masked adapters: contract, registry, injection, and the variants."""
 
-from ..modality import disable_adapters, modality_ids
+from ..modality import disable_adapters, example_adapters, modality_ids
 from . import plora  # noqa: F401  (registers the variant)
 from .base import Adapter, AdapterSpec
 from .inject import adapter_parameters, adapters_of, inject
+from .merge import merge, unmerge
 from .registry import ADAPTERS, adapter_class, parse_spec, register_adapter
 
 __all__ = [
@@ -14,8 +15,11 @@ __all__ = [
     "adapter_parameters",
     "adapters_of",
     "disable_adapters",
+    "example_adapters",
     "inject",
+    "merge",
     "modality_ids",
     "parse_spec",
     "register_adapter",
+    "unmerge",
 ]

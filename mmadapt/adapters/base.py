@@ -47,18 +47,63 @@ class AdapterSpec(BaseModel):
 
 
 class Adapter(nn.Module, abc.ABC):
-    """Base class: subclasses build parameters in ``__init__`` and define ``forward(x_rows)``."""
+    """Base class: subclasses build parameters in ``__init__`` and define ``forward(x_rows)``.
+
+    Class attributes a variant may set:
+
+    - ``spec_class``: its config model (an :class:`AdapterSpec` subclass).
+    - ``exclusive``: it reparametrises the whole weight of its rows (DoRA's
+      normalisation), so no other adapter may fire on the same rows of the layer.
+    - ``per_example``: ``forward`` also takes ``examples`` (LongTensor[N], the example
+      index of each row, as set by :func:`mmadapt.adapters.example_adapters`).
+
+    A mergeable variant defines :meth:`delta_weight`; one whose merged weight is not
+    ``W0 + delta`` overrides :meth:`merge` and :meth:`unmerge` as well.
+    """
 
     spec_class: ClassVar[type[AdapterSpec]] = AdapterSpec
+    exclusive: ClassVar[bool] = False
+    per_example: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, spec: AdapterSpec) -> None:
         super().__init__()
         self.spec = spec
         self.modalities = frozenset(MODALITIES[m] for m in spec.modalities)
+        self.merged = False
+        # A plain attribute, not a submodule: the base layer's weights stay out of the adapter's state dict.
+        object.__setattr__(self, "base_layer", base)
 
     @abc.abstractmethod
     def forward(self, x_rows: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         """The delta on the selected rows only."""
+
+    @property
+    def mergeable(self) -> bool:
+        return type(self).delta_weight is not Adapter.delta_weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change this adapter makes to the base weight (same shape), if it has one."""
+        raise NotImplementedError(f"{self.spec.type} has no exact merged form")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; it stops adding its delta."""
+        self._check_merged(False)
+        weight = self.base_layer.weight
+        weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the adapter back out of the base weight."""
+        self._check_merged(True)
+        weight = self.base_layer.weight
+        weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def _check_merged(self, expected: bool) -> None:
+        if self.merged != expected:
+            raise RuntimeError(f"{self.spec.type} adapter is {'already' if self.merged else 'not'} merged")
 
 
 class AdapterStack(nn.ModuleDict):
@@ -73,15 +118,15 @@ class AdapterStack(nn.ModuleDict):
         y_flat = y.reshape(-1, y.shape[-1])  # (N, out)
         changed = False
         for adapter in self.values():
-            rows = self.context.rows(adapter.modalities, x)
+            rows = None if adapter.merged else self.context.rows(adapter.modalities, x)
             if rows is None:
                 continue
             changed = True
-            if rows.numel() == x_flat.shape[0]:  # every row (sorted, unique): skip gather/scatter
-                y_flat = y_flat + adapter(x_flat).to(y_flat.dtype)
-            else:
-                delta = adapter(x_flat.index_select(0, rows))  # (N_rows, out)
-                y_flat = y_flat.index_add(0, rows, delta.to(y_flat.dtype))
+            every_row = rows.numel() == x_flat.shape[0]  # sorted and unique: skip gather/scatter
+            x_rows = x_flat if every_row else x_flat.index_select(0, rows)
+            extra = (self.context.row_examples(rows, x),) if adapter.per_example else ()
+            delta = adapter(x_rows, *extra).to(y_flat.dtype)  # (N_rows, out)
+            y_flat = y_flat + delta if every_row else y_flat.index_add(0, rows, delta)
         return y_flat.view_as(y) if changed else y
 
 

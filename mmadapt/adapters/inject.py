@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..modality import attach_context
+from ..errors import InputError
+from ..modality import MODALITIES, attach_context
 from .base import Adapter, AdapterSpec, AdapterStack, apply_stack_hook
 from .registry import adapter_class, parse_spec
 
@@ -35,7 +36,8 @@ def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, li
         For each adapter key, the names of the modules it was added to.
 
     Raises:
-        ValueError: an entry is invalid or its targets match no linear layer.
+        InputError: an entry is invalid, its targets match no linear layer, or an
+            exclusive adapter (DoRA) would share rows with another adapter.
     """
     context = attach_context(model)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
@@ -45,21 +47,38 @@ def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, li
         names = [name for name in linears if any(matches(name, t) for t in spec.targets)]
         if not names:
             example = ", ".join(list(linears)[:4])
-            raise ValueError(
+            raise InputError(
                 f"adapters.{index} ({spec.type}): targets {spec.targets} match no linear layer "
                 f"of {type(model).__name__} (its linear layers are named like: {example})"
             )
         key = _unique_key(spec, placed)
         for name in names:
-            _stack_of(linears[name], context)[key] = adapter_class(spec.type)(linears[name], spec)
+            stack = _stack_of(linears[name], context)
+            adapter = adapter_class(spec.type)(linears[name], spec)
+            _check_overlap(f"adapters.{index} ({key})", adapter, stack, name)
+            stack[key] = adapter
         placed[key] = names
     return placed
+
+
+def _check_overlap(entry: str, adapter: Adapter, stack: AdapterStack, layer_name: str) -> None:
+    """An exclusive adapter (one that renormalises the weight) shares its rows with no other."""
+    for other_key, other in stack.items():
+        shared = adapter.modalities & other.modalities
+        if shared and (adapter.exclusive or other.exclusive):
+            which = adapter.spec.type if adapter.exclusive else other.spec.type
+            names = sorted(n for n, i in MODALITIES.items() if i in shared)
+            raise InputError(
+                f"{entry} and adapter {other_key!r} both fire on {names} rows of {layer_name}, but "
+                f"{which} rescales the whole weight of its rows and cannot stack with another adapter there; "
+                "give them different modalities or targets"
+            )
 
 
 def _unique_key(spec: AdapterSpec, placed: dict) -> str:
     key = spec.name or spec.type
     if spec.name and key in placed:
-        raise ValueError(f"two adapters are named {key!r}")
+        raise InputError(f"two adapters are named {key!r}")
     suffix = 1
     while key in placed:
         suffix += 1

@@ -33,3 +33,6 @@ class PLoRA(Adapter):
 
     def forward(self, x_rows: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         return self.lora_B(self.lora_A(self.dropout(x_rows))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B.weight @ self.lora_A.weight * self.scaling
