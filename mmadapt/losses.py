@@ -1,0 +1,65 @@
+"""Training losses on logits and embeddings: SFT cross-entropy and the BLSP-KD parts.
+
+BLSP-KD (speech -> text distillation): the teacher is the LLM with adapters off,
+fed the transcript; the student is the same LLM fed the speech tokens (PLoRA on).
+Both see the same prompt and the same continuation (``response``), so their
+next-token predictions pair up position by position on the continuation
+(``kd_loss``) and, when the speech gives one token per transcript token, on the
+speech/transcript span as well (``input_kl``). The released BLSP code compares
+distributions one position off; here both sides predict the same next token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t predicting token t+1 where labels are set."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``BoolTensor[B, T]``: positions whose next token is labelled (they predict it)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) at ``temperature``, scaled by T² (Hinton et al.).
+
+    Both are ``[N, V]`` rows that predict the same token; zero when they are equal.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} differ")
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[int, int]:
+    """How many rows have the same argmax, and how many rows there are."""
+    same = student_logits.argmax(-1) == teacher_logits.argmax(-1)
+    return int(same.sum()), same.numel()
+
+
+def embedding_regression(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error relative to the targets' mean square: 1.0 for an all-zero guess.
+
+    The cheap first BLSP stage pulls each speech token onto the LLM input embedding of
+    the transcript token it stands for, without running the LLM.
+    """
+    return F.mse_loss(tokens.float(), targets.float()) / targets.float().pow(2).mean().clamp(min=1e-12)
+
+
+def cif_quantity_loss(alpha_sum: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of |Σα − N| / N: pulls the CIF weight total towards the transcript's token count."""
+    targets = targets.to(alpha_sum.dtype)
+    return ((alpha_sum - targets).abs() / targets.clamp(min=1)).mean()
