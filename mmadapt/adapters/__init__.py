@@ -1,10 +1,11 @@
 """Modality-masked adapters: contract, registry, injection, and the variants."""
 
 from ..modality import disable_adapters, example_adapters, modality_ids
-from . import loldu, melora, plora  # noqa: F401  (each registers its variant)
+from . import dora, flora_batched, flora_tucker, loldu, lora, melora, miss, plora  # noqa: F401  (each registers its variant)
 from .base import Adapter, AdapterSpec
 from .inject import adapter_parameters, adapters_of, inject
 from .merge import merge, unmerge
+from .peft_export import export_peft
 from .registry import ADAPTERS, adapter_class, parse_spec, register_adapter
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "adapters_of",
     "disable_adapters",
     "example_adapters",
+    "export_peft",
     "inject",
     "merge",
     "modality_ids",

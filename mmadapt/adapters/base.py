@@ -20,6 +20,8 @@ from torch import nn
 
 from ..modality import MODALITIES, ModalityContext
 
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 class AdapterSpec(BaseModel):
     """Fields every adapter entry of the config has; variants subclass it."""
@@ -58,7 +60,8 @@ class Adapter(nn.Module, abc.ABC):
       index of each row, as set by :func:`mmadapt.adapters.example_adapters`).
 
     A mergeable variant defines :meth:`delta_weight`; one whose merged weight is not
-    ``W0 + delta`` overrides :meth:`merge` and :meth:`unmerge` as well.
+    ``W0 + delta`` overrides :meth:`merge` and :meth:`unmerge` as well. A variant that
+    also adapts conv layers (``CONV_LAYERS``) defines :meth:`forward_full`.
     """
 
     spec_class: ClassVar[type[AdapterSpec]] = AdapterSpec
@@ -76,6 +79,14 @@ class Adapter(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x_rows: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         """The delta on the selected rows only."""
+
+    @classmethod
+    def adapts_conv(cls) -> bool:
+        return cls.forward_full is not Adapter.forward_full
+
+    def forward_full(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, *spatial) -> (B, C_out, *spatial')
+        """Conv layers: the delta on the whole input, whose rows carry no token modality."""
+        raise NotImplementedError(f"{self.spec.type} does not adapt conv layers")
 
     @property
     def mergeable(self) -> bool:
@@ -129,6 +140,17 @@ class AdapterStack(nn.ModuleDict):
             y_flat = y_flat + delta if every_row else y_flat.index_add(0, rows, delta)
         return y_flat.view_as(y) if changed else y
 
+    def add_full_deltas(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """A conv layer belongs to one encoder, so one modality: its adapters see the whole input."""
+        if self.context.state.disabled:
+            return y
+        for adapter in self.values():
+            if not adapter.merged:
+                y = y + adapter.forward_full(x).to(y.dtype)
+        return y
+
 
 def apply_stack_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module.mmadapt.add_deltas(args[0], output)
+    if isinstance(module, nn.Linear):
+        return module.mmadapt.add_deltas(args[0], output)
+    return module.mmadapt.add_full_deltas(args[0], output)

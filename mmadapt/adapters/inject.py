@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..modality import MODALITIES, attach_context
-from .base import Adapter, AdapterSpec, AdapterStack, apply_stack_hook
+from .base import CONV_LAYERS, Adapter, AdapterSpec, AdapterStack, apply_stack_hook
 from .registry import adapter_class, parse_spec
 
 STACK_ATTR = "mmadapt"
@@ -25,7 +25,8 @@ def matches(module_name: str, target: str) -> bool:
 
 
 def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, list[str]]:
-    """Add adapters to the linear layers of ``model`` (an unmodified HF model).
+    """Add adapters to the linear layers of ``model`` (an unmodified HF model), and to its
+    conv layers for variants that adapt convs (``flora_tucker``).
 
     Args:
         model: any ``nn.Module``; usually an ``AutoModelForCausalLM``.
@@ -40,21 +41,26 @@ def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, li
             exclusive adapter (DoRA) would share rows with another adapter.
     """
     context = attach_context(model)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
+    # Listed once, before any adapter adds its own linear layers to the model.
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, *CONV_LAYERS)) and name}
     placed: dict[str, list[str]] = {}
     for index, entry in enumerate(adapters):
         spec = entry if isinstance(entry, AdapterSpec) else parse_spec(entry)
-        names = [name for name in linears if any(matches(name, t) for t in spec.targets)]
+        variant = adapter_class(spec.type)
+        kinds = (nn.Linear, *CONV_LAYERS) if variant.adapts_conv() else nn.Linear
+        adaptable = [name for name, layer in layers.items() if isinstance(layer, kinds)]
+        names = [name for name in adaptable if any(matches(name, t) for t in spec.targets)]
         if not names:
-            example = ", ".join(list(linears)[:4])
+            what = "linear or conv layer" if variant.adapts_conv() else "linear layer"
             raise InputError(
-                f"adapters.{index} ({spec.type}): targets {spec.targets} match no linear layer "
-                f"of {type(model).__name__} (its linear layers are named like: {example})"
+                f"adapters.{index} ({spec.type}): targets {spec.targets} match no {what} "
+                f"of {type(model).__name__} (its {what}s are named like: {', '.join(adaptable[:4])})"
             )
         key = _unique_key(spec, placed)
         for name in names:
-            stack = _stack_of(linears[name], context)
-            adapter = adapter_class(spec.type)(linears[name], spec)
+            stack = _stack_of(layers[name], context)
+            adapter = variant(layers[name], spec)
+            adapter.train(layers[name].training)  # an adapter added to an eval() model runs without dropout
             _check_overlap(f"adapters.{index} ({key})", adapter, stack, name)
             stack[key] = adapter
         placed[key] = names
