@@ -6,6 +6,11 @@ A record is one line::
                               {"role": "assistant", "content": "A red circle."}],
      "images": ["images/s1.png"], "audios": []}
 
+or, for BLSP-KD speech distillation, one audio file with its transcript and the
+teacher's continuation (the prompt around them comes from ``data.speech_prompt``)::
+
+    {"id": "u1", "audios": ["audio/u1.flac"], "transcript": "the red cat", "response": "sat on the mat."}
+
 File paths are relative to the JSONL file's folder. A bad record raises
 :class:`BadRecord` naming the file, line and id, or, with ``on_bad_record="skip"``,
 is logged, counted by reason and dropped. Keys a record has beyond these are ignored.
@@ -22,6 +27,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from mmadapt.data.audio import AudioError, load_audio
 from mmadapt.errors import BadRecord, InputError
 
 logger = logging.getLogger(__name__)
@@ -33,13 +39,17 @@ PLACEHOLDERS = {"images": "<image>", "audios": "<speech>"}
 
 @dataclass
 class Record:
-    """A validated conversation; ``images``/``audios`` hold resolved file paths."""
+    """A validated conversation; ``images``/``audios`` hold resolved file paths.
+
+    A BLSP-KD record has a ``transcript`` and a single assistant message (the response).
+    """
 
     id: str
     line: int
     messages: list[dict[str, str]]
     images: list[str]
     audios: list[str]
+    transcript: str | None = None
 
 
 class _Invalid(Exception):
@@ -51,7 +61,10 @@ class _Invalid(Exception):
 
 
 def read_records(
-    path: str | Path, on_bad_record: Literal["error", "skip"] = "error", config_key: str = "data.train"
+    path: str | Path,
+    on_bad_record: Literal["error", "skip"] = "error",
+    config_key: str = "data.train",
+    max_audio_seconds: float | None = None,
 ) -> tuple[list[Record], Counter[str]]:
     """Read and validate every record of a JSONL file; blank lines are ignored.
 
@@ -59,6 +72,7 @@ def read_records(
         path: the JSONL file.
         on_bad_record: ``error`` raises at the first bad record, ``skip`` drops it.
         config_key: the config key that named ``path``, for the missing-file error.
+        max_audio_seconds: longer audio files make a record bad.
 
     Returns:
         The valid records in file order, and how many were skipped for each reason.
@@ -82,7 +96,7 @@ def read_records(
                 data = _json_object(text)
                 record_id = _record_id(data)
                 _check_unique(record_id, seen_ids)
-                records.append(_validated(data, record_id, number, source.parent))
+                records.append(_validated(data, record_id, number, source.parent, max_audio_seconds))
             except _Invalid as invalid:
                 bad = BadRecord(str(source), number, record_id, str(invalid))
                 if on_bad_record == "error":
@@ -118,7 +132,9 @@ def _check_unique(record_id: str, seen_ids: set[str]) -> None:
     seen_ids.add(record_id)
 
 
-def _validated(data: dict[str, Any], record_id: str, line: int, folder: Path) -> Record:
+def _validated(data: dict[str, Any], record_id: str, line: int, folder: Path, max_audio_seconds: float | None) -> Record:
+    if "transcript" in data:
+        return _speech_record(data, record_id, line, folder, max_audio_seconds)
     messages = _messages(data.get("messages"))
     files = {key: _string_list(data, key) for key in PLACEHOLDERS}
     for key, placeholder in PLACEHOLDERS.items():
@@ -129,8 +145,26 @@ def _validated(data: dict[str, Any], record_id: str, line: int, folder: Path) ->
                 f"{count} {placeholder} placeholder(s) in the messages but {len(files[key])} file(s) in '{key}'",
             )
     images = [_readable_image(folder, name) for name in files["images"]]
-    audios = [_existing_file(folder, name, "audio") for name in files["audios"]]
+    audios = [_readable_audio(folder, name, max_audio_seconds) for name in files["audios"]]
     return Record(record_id, line, messages, images, audios)
+
+
+def _speech_record(data: dict[str, Any], record_id: str, line: int, folder: Path, max_audio_seconds: float | None) -> Record:
+    transcript, response = data.get("transcript"), data.get("response")
+    if not isinstance(transcript, str) or not transcript.strip():
+        raise _Invalid("empty transcript", f"'transcript' must be a non-empty string, got {transcript!r}")
+    if not isinstance(response, str) or not response.strip():
+        raise _Invalid(
+            "missing response",
+            f"'response' (the teacher's continuation) must be a non-empty string, got {response!r}; "
+            "write it with data/make_responses.py",
+        )
+    audios = _string_list(data, "audios")
+    if len(audios) != 1:
+        raise _Invalid("placeholder mismatch", f"a transcript record needs exactly one file in 'audios', got {len(audios)}")
+    audio = _readable_audio(folder, audios[0], max_audio_seconds)
+    messages = [{"role": "assistant", "content": response}]
+    return Record(record_id, line, messages, [], [audio], transcript.strip())
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -166,6 +200,15 @@ def _existing_file(folder: Path, name: str, kind: str) -> str:
     if not path.is_file():
         raise _Invalid("missing file", f"{kind} {name} not found (looked for {path})")
     return str(path)
+
+
+def _readable_audio(folder: Path, name: str, max_seconds: float | None) -> str:
+    path = _existing_file(folder, name, "audio")
+    try:
+        load_audio(path, max_seconds)
+    except AudioError as error:
+        raise _Invalid(error.reason.replace("_", " "), str(error)) from None
+    return path
 
 
 def _readable_image(folder: Path, name: str) -> str:

@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from mmadapt.data.records import read_records
@@ -18,7 +20,9 @@ def folder(tmp_path: Path) -> Path:
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 3, dtype=np.float32), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"RIFF")
     return tmp_path
 
 
@@ -39,12 +43,22 @@ def test_reads_valid_records_with_paths_relative_to_the_file(folder, tmp_path_fa
     assert not skipped
 
 
+def speech_record(record_id: str, audio: str = "a.wav") -> dict:
+    return {"id": record_id, "audios": [audio], "transcript": "the red cat", "response": "sat on the mat."}
+
+
 BAD_CASES = {
     "missing image": (record("x", images=["images/nope.png"]), "x", "image images/nope.png not found"),
     "corrupt image": (record("x", images=["images/bad.png"]), "x", "image images/bad.png is not a readable image"),
     "placeholder mismatch": (record("x", "<image> and <image>"), "x", "2 <image> placeholder(s) in the messages"),
     "speech mismatch": (record("x", "<image><speech>"), "x", "1 <speech> placeholder(s) in the messages but 0"),
     "missing audio": (record("x", "<image><speech>", audios=["b.wav"]), "x", "audio b.wav not found"),
+    "unreadable audio": (record("x", "<image><speech>", audios=["bad.wav"]), "x", "not a readable audio file"),
+    "transcript without response": (
+        {"id": "x", "audios": ["a.wav"], "transcript": "the cat"}, "x", "'response' (the teacher's continuation)"
+    ),
+    "empty transcript": ({**speech_record("x"), "transcript": "  "}, "x", "'transcript' must be a non-empty string"),
+    "two audios for a transcript": ({**speech_record("x"), "audios": ["a.wav", "a.wav"]}, "x", "exactly one file"),
     "bad JSON line": ('{"id": "x", "messages": [', None, "not valid JSON"),
     "not an object": ("[1, 2]", None, "must be a JSON object"),
     "duplicate id": (record("a"), "a", "id 'a' appears earlier"),
@@ -76,13 +90,26 @@ def test_skip_mode_counts_bad_records_by_reason(folder):
         record("d", images=["images/bad.png"]),
         "{not json",
         record("a"),
-        record("e", "<image><speech>", audios=["a.wav"]),  # valid: audio files need only exist
+        record("e", "<image><speech>", audios=["a.wav"]),
+        speech_record("f", "bad.wav"),
+        speech_record("g", "long.wav"),
     ]
     path = write(folder, record("a"), *bad_cases, record("z"))
-    records, skipped = read_records(path, on_bad_record="skip")
+    records, skipped = read_records(path, on_bad_record="skip", max_audio_seconds=2.0)
     assert [r.id for r in records] == ["a", "e", "z"]
     assert records[1].audios == [str(folder / "a.wav")]
-    assert skipped == {"missing file": 2, "unreadable image": 1, "invalid JSON": 1, "duplicate id": 1}
+    assert skipped == {
+        "missing file": 2, "unreadable image": 1, "invalid JSON": 1, "duplicate id": 1,
+        "unreadable audio": 1, "audio too long": 1,
+    }
+
+
+def test_speech_record_becomes_transcript_and_response(folder):
+    path = write(folder, speech_record("u1"))
+    [parsed], _ = read_records(path)
+    assert parsed.transcript == "the red cat"
+    assert parsed.audios == [str(folder / "a.wav")]
+    assert parsed.messages == [{"role": "assistant", "content": "sat on the mat."}]
 
 
 @pytest.mark.parametrize("on_bad_record", ["error", "skip"])
