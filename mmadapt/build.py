@@ -9,12 +9,14 @@ import torch
 from .adapters import inject
 from .config import Config, load_config
 from .data.dataset import build_dataset
+from .encoders.cformer import CFormer
+from .encoders.speech import SpeechEncoder, build_speech_encoder
 from .encoders.vision import build_vision_encoder
 from .errors import InputError
 from .export import load_weights, read_adapter_config
 from .llm import base_fingerprint, load_llm
-from .model import MultimodalLM
-from .projectors import build_projector, embedding_rms
+from .model import DistillSettings, MultimodalLM
+from .projectors import SpeechProjector, build_projector, embedding_rms
 
 
 def build_model(cfg: Config) -> MultimodalLM:
@@ -38,12 +40,27 @@ def build_model(cfg: Config) -> MultimodalLM:
         projectors["image"] = build_projector(cfg.model.projector, encoder.width, width, rms)
         if cfg.model.vision.weights is None:
             random_parts.add("vision")
+    if cfg.model.speech is not None:
+        torch.manual_seed(cfg.train.seed + 3)
+        encoders["speech"], projectors["speech"] = _speech_path(cfg, llm)
+        if cfg.model.speech.encoder.source == "random":
+            random_parts.add("speech")
     torch.manual_seed(cfg.train.seed + 2)
     inject(llm, cfg.adapters)
     model = MultimodalLM(llm, loaded.tokenizer, encoders, projectors)
+    model.distill = DistillSettings(cfg.loss.temperature, cfg.loss.kd, cfg.loss.input_kl, cfg.loss.quantity)
     model.base_fingerprint = fingerprint
     model.random_parts = sorted(random_parts)
     return model
+
+
+def _speech_path(cfg: Config, llm) -> tuple[SpeechEncoder, SpeechProjector]:
+    """The speech encoder and its CFormer + projector into the LLM's embedding space."""
+    encoder = build_speech_encoder(cfg.model.speech.encoder)
+    cformer = CFormer(cfg.model.speech.cformer.model_copy(update={"width": encoder.width}))
+    embeddings = llm.get_input_embeddings()
+    projector = build_projector(cfg.model.projector, encoder.width, embeddings.embedding_dim, embedding_rms(embeddings))
+    return encoder, SpeechProjector(cformer, projector)
 
 
 def model_dataset(cfg: Config, model: MultimodalLM, path: str, for_generation: bool = False):
@@ -53,17 +70,29 @@ def model_dataset(cfg: Config, model: MultimodalLM, path: str, for_generation: b
         ``(ConversationDataset, skipped Counter)`` as :func:`mmadapt.data.dataset.build_dataset`.
     """
     encoder = model.encoders["image"] if "image" in model.encoders else None
+    speech = model.encoders["speech"] if "speech" in model.encoders else None
     return build_dataset(
         path, model.tokenizer, cfg.data, encoder.num_tokens if encoder else 0,
         encoder.preprocess if encoder else None, for_generation=for_generation,
+        preprocess_audio=speech.features if speech else None,
     )
+
+
+def eval_datasets(cfg: Config, model: MultimodalLM):
+    """``((loss_set, generation_set), skipped)`` for ``cfg.data.eval``; BLSP-KD reads its
+    metrics off the loss pass, so its generation set is None."""
+    loss_set, skipped = model_dataset(cfg, model, cfg.data.eval)
+    if cfg.loss.type == "blsp_kd":
+        return (loss_set, None), skipped
+    generation_set, _ = model_dataset(cfg, model, cfg.data.eval, for_generation=True)
+    return (loss_set, generation_set), skipped
 
 
 def random_tensor_names(model: MultimodalLM) -> set[str]:
     """State-dict names of the randomly initialised parts (saved as ``base.safetensors``)."""
     groups = model.parameter_groups()
     names = {name for group in model.random_parts for name in groups[group]}
-    prefixes = {"llm": "llm.", "vision": "encoders.image.", "projector": "projectors."}
+    prefixes = {"llm": "llm.", "vision": "encoders.image.", "speech": "encoders.speech.", "projector": "projectors."}
     for name, _ in model.named_buffers():
         if any(name.startswith(prefixes[g]) for g in model.random_parts if g in prefixes):
             names.add(name)

@@ -31,15 +31,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(output_dir: str) -> dict:
-    from .build import load_trained, model_dataset
+    from .build import eval_datasets, load_trained
     from .config import load_config
-    from .evaluate import eval_loss, task_accuracy
+    from .evaluate import evaluation
 
     cfg = load_config(f"{output_dir}/config.yaml")
     if cfg.data.eval is None:
         raise InputError(f"{output_dir}/config.yaml has no data.eval to evaluate on")
     model = load_trained(output_dir)
-    loss_set, _ = model_dataset(cfg, model, cfg.data.eval)
-    generation_set, _ = model_dataset(cfg, model, cfg.data.eval, for_generation=True)
-    loss = eval_loss(model, loss_set, model.tokenizer.pad_token_id, cfg.eval)
-    return {"eval_loss": loss, "eval_accuracy": task_accuracy(model, generation_set, cfg.eval)}
+    eval_sets, _ = eval_datasets(cfg, model)
+    return evaluation(model, model, eval_sets, cfg)

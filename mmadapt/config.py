@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .adapters.registry import adapter_class, parse_spec
 from .data.config import DataConfig
+from .encoders.cformer import CFormerConfig
+from .encoders.speech import SpeechConfig
 from .encoders.vision import VisionConfig
 from .errors import InputError
 from .llm import LLMConfig
@@ -35,9 +37,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class SpeechPreset(Strict):
+    encoder: SpeechConfig = Field(default_factory=SpeechConfig, description="Whisper-style encoder")
+    cformer: CFormerConfig = Field(
+        default_factory=CFormerConfig, description="CIF length adapter between the encoder and the projector"
+    )
+
+
 class ModelPreset(Strict):
     llm: LLMConfig
     vision: VisionConfig | None = Field(None, description="image encoder; None for text/speech-only models")
+    speech: SpeechPreset | None = Field(None, description="speech encoder + CFormer; None for models without speech")
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig, description="encoder -> LLM width")
     adapters: list[dict] = Field(default_factory=list, description="default adapters of this preset")
 
@@ -83,7 +93,15 @@ class EvalConfig(Strict):
 
 
 class LossConfig(Strict):
-    type: Literal["sft"] = Field("sft", description="sft: cross-entropy on assistant text")
+    type: Literal["sft", "blsp_kd"] = Field(
+        "sft", description="sft: cross-entropy on assistant text; blsp_kd: speech-to-text distillation"
+    )
+    temperature: float = Field(2.0, gt=0, description="blsp_kd: softmax temperature of both KL terms")
+    kd: float = Field(1.0, ge=0, description="blsp_kd: weight of KL(teacher || student) on the continuation")
+    input_kl: float = Field(
+        1.0, ge=0, description="blsp_kd: weight of the KL pairing CIF token i with transcript token i"
+    )
+    quantity: float = Field(1.0, ge=0, description="blsp_kd: weight of the CIF quantity loss |Σα − N| / N")
 
 
 class DeepSpeedConfig(Strict):
@@ -117,10 +135,13 @@ class Config(Strict):
                 f"config key 'train.align_steps': {self.train.align_steps} leaves no LM step "
                 f"before train.max_steps={self.train.max_steps}"
             )
-        if self.train.align_steps and self.model.vision is None:
-            raise ValueError("config key 'train.align_steps': the alignment stage needs a vision encoder")
-        if "vision" in self.train.trainable and self.model.vision is None:
-            raise ValueError("train.trainable lists vision but the model has no vision encoder")
+        if self.train.align_steps and self.model.vision is None and self.model.speech is None:
+            raise ValueError("config key 'train.align_steps': the alignment stage needs a vision or speech encoder")
+        for part in ("vision", "speech"):
+            if part in self.train.trainable and getattr(self.model, part) is None:
+                raise ValueError(f"train.trainable lists {part} but the model has no {part} encoder")
+        if self.loss.type == "blsp_kd" and self.model.speech is None:
+            raise ValueError("config key 'loss.type': blsp_kd needs a model with a speech encoder (model.speech)")
         return self
 
 

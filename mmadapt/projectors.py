@@ -9,12 +9,15 @@ matching alone took image-QA accuracy from 5% to 42% at equal training time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import pairwise
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from .encoders.cformer import CFormer, CifOutput
 
 
 class ProjectorConfig(BaseModel):
@@ -82,3 +85,20 @@ def build_projector(cfg: ProjectorConfig, in_width: int, out_width: int, text_em
 def embedding_rms(embedding: nn.Embedding) -> float:
     """Root-mean-square of all entries of an embedding table (the scale text tokens enter the LLM at)."""
     return embedding.weight.detach().float().pow(2).mean().sqrt().item()
+
+
+class SpeechProjector(nn.Module):
+    """The speech path's length adapter and projector: CFormer (frames -> one token per
+    text token, by CIF), then the MLP projector to the LLM width."""
+
+    def __init__(self, cformer: CFormer, projector: Projector) -> None:
+        super().__init__()
+        self.cformer = cformer
+        self.projector = projector
+
+    def forward(
+        self, hidden: torch.Tensor, frame_mask: torch.Tensor, target_lengths: torch.Tensor | None = None
+    ) -> CifOutput:
+        """``hidden [B, T, W]`` encoder frames -> ``CifOutput`` with tokens ``[B, N, D]`` at the LLM width."""
+        out = self.cformer(hidden, frame_mask, target_lengths)
+        return replace(out, tokens=self.projector(out.tokens))

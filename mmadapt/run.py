@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import checkpoint, distributed
-from .build import build_model, model_dataset, random_tensor_names
+from .build import build_model, eval_datasets, model_dataset, random_tensor_names
 from .config import Config, load_config, save_config
 from .errors import InputError
 from .export import save_base
@@ -63,10 +63,9 @@ def _datasets(cfg: Config, model):
     _report_skipped(cfg.data.train, skipped, cfg)
     if cfg.data.eval is None:
         return train_set, None
-    loss_set, skipped = model_dataset(cfg, model, cfg.data.eval)
+    eval_sets, skipped = eval_datasets(cfg, model)
     _report_skipped(cfg.data.eval, skipped, cfg)
-    generation_set, _ = model_dataset(cfg, model, cfg.data.eval, for_generation=True)
-    return train_set, (loss_set, generation_set)
+    return train_set, eval_sets
 
 
 def _report_skipped(path: str, skipped: Counter, cfg: Config) -> None:

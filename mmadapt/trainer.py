@@ -24,7 +24,7 @@ from . import checkpoint, distributed
 from .config import Config, TrainConfig
 from .data.collate import Collator
 from .export import gathered_state, save_adapter
-from .evaluate import eval_loss, task_accuracy
+from .evaluate import evaluation, model_inputs
 from .model import MultimodalLM
 
 
@@ -162,41 +162,36 @@ class Trainer:
     def _train_step(self, batches: Iterator[dict]) -> dict:
         started = time.perf_counter()
         lr = self.cfg.train.lr * lr_factor(self.step, self.cfg.train)
-        loss_sum, tokens, samples = 0.0, 0, 0
+        align = self.step < self.cfg.train.align_steps
+        totals: dict[str, float] = {"loss": 0.0, "tokens": 0, "samples": 0}
         for _ in range(self.cfg.train.grad_accum):
             batch = _to_device(next(batches))
-            align = self.step < self.cfg.train.align_steps
-            out = self.engine(**_model_inputs(batch), return_logits=False, align=align)
+            out = self.engine(**model_inputs(batch), return_logits=False, align=align)
             self.engine.backward(out.loss)
             self.engine.step()
-            loss_sum += out.loss.item()
-            tokens += int(batch["attention_mask"].sum())
-            samples += len(batch["input_ids"])
-        loss_sum, tokens, samples = distributed.all_sum([loss_sum, tokens, samples])
+            parts = out.parts or ({"align": out.loss} if align else {})
+            for name, value in {"loss": out.loss, **{f"loss_{n}": v for n, v in parts.items()}}.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
+            totals["tokens"] += _llm_tokens(batch)
+            totals["samples"] += len(batch["input_ids"])
+        totals = dict(zip(totals, distributed.all_sum(list(totals.values()))))
         seconds = time.perf_counter() - started
-        loss = loss_sum / (self.cfg.train.grad_accum * self.world)
+        micro_batches = self.cfg.train.grad_accum * self.world
         return {
             "step": self.step + 1,
-            "loss": loss,
-            **({"loss_align": loss} if self.step < self.cfg.train.align_steps else {}),
+            **{name: value / micro_batches for name, value in totals.items() if name.startswith("loss")},
             "lr": lr,
-            "tokens_per_s": tokens / seconds,
-            "samples_per_s": samples / seconds,
+            "tokens_per_s": totals["tokens"] / seconds,
+            "samples_per_s": totals["samples"] / seconds,
             "peak_mem_mb": _peak_memory_mb(),
         }
 
     # ---- eval --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out loss and the task metric on generated answers; logged as an eval row."""
-        loss_set, generation_set = self.eval_sets
+        """Held-out loss and the recipe's task metrics; logged as an eval row."""
         self.engine.eval()
-        pad = self.model.tokenizer.pad_token_id
-        row = {
-            "step": self.step,
-            "eval_loss": eval_loss(self.engine, loss_set, pad, self.cfg.eval),
-            "eval_accuracy": task_accuracy(self.model, generation_set, self.cfg.eval),
-        }
+        row = {"step": self.step, **evaluation(self.engine, self.model, self.eval_sets, self.cfg)}
         self.engine.train()
         self._log(row)
         return row
@@ -287,8 +282,10 @@ def _epoch_order(lengths: list[int], global_batch: int, group_by_length: bool, s
     return [i for b in shuffled for i in batches[b]]
 
 
-def _model_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "images", "labels") if k in batch}
+def _llm_tokens(batch: dict) -> int:
+    """Non-padding tokens entering the LLM: each speech slot stands for its CIF tokens."""
+    expansion = int(batch["speech_lengths"].sum()) - len(batch["speech_lengths"]) if "speech_lengths" in batch else 0
+    return int(batch["attention_mask"].sum()) + expansion
 
 
 def _to_device(batch: dict) -> dict:

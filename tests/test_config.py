@@ -15,10 +15,18 @@ def test_every_recipe_validates_and_opens_with_its_command(recipe):
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
-def test_every_preset_validates_with_the_xcomposer_recipe(preset):
-    cfg = load_config(REPO / "configs" / "xcomposer.yaml", [f"model={preset.relative_to(REPO)}"])
-    assert cfg.preset == str(preset.relative_to(REPO))
-    assert preset.read_text().startswith("#")
+def test_every_preset_validates_with_the_recipe_of_its_modalities(preset):
+    text = preset.read_text()
+    recipes = [name for name, key in (("xcomposer", "\nvision:"), ("blsp_kd", "\nspeech:")) if key in text]
+    assert recipes and text.startswith("#")
+    for recipe in recipes:
+        cfg = load_config(REPO / "configs" / f"{recipe}.yaml", [f"model={preset.relative_to(REPO)}"])
+        assert cfg.preset == str(preset.relative_to(REPO))
+
+
+def test_blsp_kd_needs_a_speech_encoder():
+    with pytest.raises(ConfigError, match="blsp_kd needs a model with a speech encoder"):
+        load_config(REPO / "configs" / "blsp_kd.yaml", ["model=models/smollm2-vision.yaml", "train.trainable=[adapters]"])
 
 
 def test_overrides_parse_values_as_yaml():

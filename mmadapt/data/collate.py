@@ -19,8 +19,12 @@ class Collator:
     ``labels`` (``LongTensor[B, T]``, padded with ``IGNORE_INDEX``; training items
     only), ``references`` (generation items only), ``images``
     (``FloatTensor[N, 3, H, W]``, every item's images in order, so they match the
-    image slots of ``input_ids`` read row by row; None when the batch has none) and
-    ``ids``.
+    image slots of ``input_ids`` read row by row; None when the batch has none),
+    ``audio_features`` (``FloatTensor[M, mels, F]``, every speech item in slot order,
+    zero-padded) with ``audio_frames`` (``LongTensor[M]``) when the batch has speech,
+    and ``ids``. BLSP-KD items add ``teacher_input_ids``, ``teacher_attention_mask``,
+    ``teacher_labels`` (padded like the student's) and ``speech_lengths``
+    (``LongTensor[M]``, transcript token counts).
 
     Args:
         pad_token_id: id that fills padding; must be a text id (>= 0), since
@@ -48,6 +52,13 @@ class Collator:
             batch["labels"] = self._pad([item["labels"] for item in items], IGNORE_INDEX)  # (B, T)
         if "reference" in items[0]:
             batch["references"] = [item["reference"] for item in items]
+        batch.update(_audio_features([features for item in items for features in item.get("audios", [])]))
+        if "teacher_input_ids" in items[0]:
+            teacher = [item["teacher_input_ids"] for item in items]
+            batch["teacher_input_ids"] = self._pad(teacher, self.pad_token_id)  # (B, T_t)
+            batch["teacher_attention_mask"] = self._pad([torch.ones_like(ids) for ids in teacher], 0)
+            batch["teacher_labels"] = self._pad([item["teacher_labels"] for item in items], IGNORE_INDEX)
+            batch["speech_lengths"] = torch.tensor([item["speech_length"] for item in items])  # (M,)
         return batch
 
     def _pad(self, rows: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -57,3 +68,11 @@ class Collator:
 def _concat_images(images: list[torch.Tensor]) -> torch.Tensor | None:
     present = [stack for stack in images if len(stack)]  # each (n_i, 3, H, W); items without images are skipped
     return torch.cat(present) if present else None  # (N, 3, H, W)
+
+
+def _audio_features(features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not features:
+        return {}
+    frames = torch.tensor([f.shape[-1] for f in features])  # (M,)
+    padded = pad_sequence([f.T for f in features], batch_first=True).transpose(1, 2)  # (M, mels, F)
+    return {"audio_features": padded, "audio_frames": frames}

@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class DataConfig(BaseModel):
@@ -30,3 +30,16 @@ class DataConfig(BaseModel):
     group_by_length: bool = Field(
         default=True, description="batch samples of similar length together (less padding), in a seeded order"
     )
+    speech_prompt: str = Field(
+        default="Continue the following text in a coherent style: {transcript}",
+        description="BLSP-KD user turn: {transcript} becomes the transcript for the teacher and the speech for "
+        "the student; the transcript is tokenized on its own (after a space when one precedes it)",
+    )
+
+    @field_validator("speech_prompt")
+    @classmethod
+    def _one_transcript_slot(cls, prompt: str) -> str:
+        if prompt.count("{transcript}") != 1:
+            raise ValueError("must contain {transcript} exactly once")
+        return prompt
+

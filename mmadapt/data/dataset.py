@@ -23,26 +23,36 @@ from transformers import PreTrainedTokenizerBase
 
 from mmadapt.data.config import DataConfig
 from mmadapt.data.records import read_records
-from mmadapt.data.tokenize import encode_conversation, encode_prompt
+from mmadapt.data.audio import load_audio
+from mmadapt.data.tokenize import encode_conversation, encode_distillation, encode_prompt
 from mmadapt.errors import BadRecord, InputError
 
 logger = logging.getLogger(__name__)
 
 ImagePreprocess = Callable[[Image.Image], torch.Tensor]  # RGB image -> FloatTensor[3, H, W]
+AudioPreprocess = Callable[[torch.Tensor], torch.Tensor]  # 16 kHz waveform -> FloatTensor[mels, frames]
+DISTILLATION_KEYS = ("teacher_input_ids", "teacher_labels")
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Tokenized conversations; items are dicts for :class:`mmadapt.data.Collator`.
 
     An item holds ``id``, ``input_ids`` (``LongTensor[T]``), ``images``
-    (``FloatTensor[n, 3, H, W]``; ``[0, 3, 0, 0]`` without images) and either
-    ``labels`` (``LongTensor[T]``, training) or ``reference`` (the expected answer,
-    generation).
+    (``FloatTensor[n, 3, H, W]``; ``[0, 3, 0, 0]`` without images), ``audios`` (a
+    list of ``FloatTensor[mels, frames]``) and either ``labels`` (``LongTensor[T]``,
+    training) or ``reference`` (the expected answer, generation). BLSP-KD items also
+    hold ``teacher_input_ids``, ``teacher_labels`` and ``speech_length``.
     """
 
-    def __init__(self, table: datasets.Dataset, preprocess_image: ImagePreprocess | None) -> None:
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        preprocess_image: ImagePreprocess | None,
+        preprocess_audio: AudioPreprocess | None = None,
+    ) -> None:
         self.table = table
         self.preprocess_image = preprocess_image
+        self.preprocess_audio = preprocess_audio
 
     def __len__(self) -> int:
         return len(self.table)
@@ -58,11 +68,17 @@ class ConversationDataset(torch.utils.data.Dataset):
             "id": row["id"],
             "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
             "images": self._images(row["images"]),
+            "audios": [self.preprocess_audio(load_audio(path)) for path in row["audios"]],
         }
         if "labels" in row:
             item["labels"] = torch.tensor(row["labels"], dtype=torch.long)
         else:
             item["reference"] = row["reference"]
+        for key in DISTILLATION_KEYS:
+            if key in row:
+                item[key] = torch.tensor(row[key], dtype=torch.long)
+        if "speech_length" in row:
+            item["speech_length"] = row["speech_length"]
         return item
 
     def _images(self, paths: list[str]) -> torch.Tensor:
@@ -82,6 +98,7 @@ def build_dataset(
     image_tokens: int,
     preprocess_image: ImagePreprocess | None,
     for_generation: bool = False,
+    preprocess_audio: AudioPreprocess | None = None,
 ) -> tuple[ConversationDataset, Counter[str]]:
     """Read, validate and tokenize a JSONL file of conversations.
 
@@ -99,6 +116,9 @@ def build_dataset(
         for_generation: encode each prompt (all messages before the final assistant
             message, then the assistant header) and keep that message's content as
             ``reference``, instead of the full conversation with labels.
+        preprocess_audio: turns a 16 kHz waveform into log-mel features; None without a
+            speech encoder. Transcript records (BLSP-KD) are encoded as student/teacher
+            pairs with ``data_cfg.speech_prompt``.
 
     Returns:
         The dataset and how many records were skipped for each reason.
@@ -109,34 +129,66 @@ def build_dataset(
         BadRecord: a record is bad and ``data_cfg.on_bad_record`` is ``error``.
     """
     config_key = "data.eval" if str(path) == data_cfg.eval else "data.train"
-    records, skipped = read_records(path, data_cfg.on_bad_record, config_key)
+    records, skipped = read_records(path, data_cfg.on_bad_record, config_key, data_cfg.max_audio_seconds)
     if config_key == "data.eval" and data_cfg.eval_samples is not None:
         records = records[: data_cfg.eval_samples]
-    with_images = next((record for record in records if record.images), None)
-    if image_tokens < 1 and with_images:
-        raise InputError(
-            f"{config_key}: record {with_images.id!r} (line {with_images.line}) has images "
-            "but the model has no image encoder"
+    _check_encoders(records, config_key, image_tokens > 0, preprocess_audio is not None)
+    distillation = _distillation_file(records, config_key, path)
+    if distillation:
+        encode = functools.partial(
+            _encode_distillation,
+            tokenizer=tokenizer,
+            speech_prompt=data_cfg.speech_prompt,
+            system_prompt=data_cfg.system_prompt,
         )
-    encode = functools.partial(
-        _encode_prompt if for_generation else _encode_conversation,
-        tokenizer=tokenizer,
-        image_tokens=image_tokens,
-        system_prompt=data_cfg.system_prompt,
-    )
+    else:
+        encode = functools.partial(
+            _encode_prompt if for_generation else _encode_conversation,
+            tokenizer=tokenizer,
+            image_tokens=image_tokens,
+            system_prompt=data_cfg.system_prompt,
+        )
     table = datasets.Dataset.from_list([asdict(record) for record in records])
-    table = table.map(encode, remove_columns=["messages", "audios"], desc=f"tokenizing {Path(path).name}")
+    table = table.map(encode, remove_columns=["messages", "transcript"], desc=f"tokenizing {Path(path).name}")
     table, too_long = _drop_too_long(table, str(path), data_cfg)
     skipped["too long"] += too_long
     if len(table) == 0:
         raise InputError(f"{config_key}: {path} holds no usable record ({dict(+skipped)} skipped)")
-    return ConversationDataset(table, preprocess_image), +skipped
+    return ConversationDataset(table, preprocess_image, preprocess_audio), +skipped
+
+
+def _check_encoders(records: list, config_key: str, has_image_encoder: bool, has_speech_encoder: bool) -> None:
+    for kind, present, files in (("image", has_image_encoder, "images"), ("speech", has_speech_encoder, "audios")):
+        record = next((r for r in records if getattr(r, files)), None)
+        if record is not None and not present:
+            raise InputError(
+                f"{config_key}: record {record.id!r} (line {record.line}) has {files} but the model has no {kind} encoder"
+            )
+
+
+def _distillation_file(records: list, config_key: str, path: str | Path) -> bool:
+    """True when every record is a transcript record; a file mixing kinds is an error."""
+    with_transcript = [r for r in records if r.transcript is not None]
+    if with_transcript and len(with_transcript) != len(records):
+        conversation = next(r for r in records if r.transcript is None)
+        raise InputError(
+            f"{config_key}: {path} mixes transcript records (BLSP-KD) with conversations "
+            f"such as {conversation.id!r} (line {conversation.line}); use one kind per file"
+        )
+    return bool(with_transcript)
 
 
 def _encode_conversation(
     row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, image_tokens: int, system_prompt: str | None
 ) -> dict[str, list[int]]:
     return encode_conversation(tokenizer, row["messages"], image_tokens, system_prompt)
+
+
+def _encode_distillation(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, speech_prompt: str, system_prompt: str | None
+) -> dict[str, Any]:
+    response = row["messages"][-1]["content"]
+    return encode_distillation(tokenizer, row["transcript"], response, speech_prompt, system_prompt)
 
 
 def _encode_prompt(

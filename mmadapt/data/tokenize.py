@@ -148,3 +148,49 @@ def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, image_tokens: in
         elif piece:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def encode_distillation(
+    tokenizer: PreTrainedTokenizerBase,
+    transcript: str,
+    response: str,
+    speech_prompt: str,
+    system_prompt: str | None = None,
+) -> dict[str, list[int] | int]:
+    """Student and teacher sequences of a BLSP-KD record, aligned token for token.
+
+    The user turn is ``speech_prompt`` with ``{transcript}`` replaced by one speech slot
+    (student) or by the transcript's own tokens (teacher); the assistant turn is the
+    teacher's continuation ``response``, labelled in both. The transcript is tokenized
+    on its own, so the teacher's sequence is the student's with the slot replaced by
+    ``speech_length`` tokens; CIF cut to that many tokens makes the two the same length.
+
+    Returns:
+        ``input_ids``/``labels`` (student), ``teacher_input_ids``/``teacher_labels`` and
+        ``speech_length`` (the transcript's token count).
+    """
+    before, _, after = speech_prompt.partition("{transcript}")
+    joiner = " " if before.endswith(" ") else ""  # the space belongs to the transcript's first token
+    user = before.removesuffix(joiner) + "<speech>" + after
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+    student = encode_conversation(tokenizer, messages, image_tokens=0, system_prompt=system_prompt)
+    transcript_ids = tokenizer(joiner + transcript, add_special_tokens=False)["input_ids"]
+    slot = student["input_ids"].index(SPEECH_SLOT)
+    ids, labels = student["input_ids"], student["labels"]
+    return {
+        **student,
+        "teacher_input_ids": ids[:slot] + transcript_ids + ids[slot + 1 :],
+        "teacher_labels": labels[:slot] + [IGNORE_INDEX] * len(transcript_ids) + labels[slot + 1 :],
+        "speech_length": len(transcript_ids),
+    }
+
+
+def distillation_prompt(
+    tokenizer: PreTrainedTokenizerBase, transcript: str, speech_prompt: str, system_prompt: str | None = None
+) -> list[int]:
+    """The teacher's prompt ids, through the assistant header, exactly as
+    :func:`encode_distillation` builds them (for generating the ``response``)."""
+    # Any non-empty response: labels start where the assistant's content starts.
+    encoded = encode_distillation(tokenizer, transcript, "-", speech_prompt, system_prompt)
+    first_label = next(i for i, label in enumerate(encoded["teacher_labels"]) if label != IGNORE_INDEX)
+    return encoded["teacher_input_ids"][:first_label]

@@ -1,0 +1,96 @@
+"""Continuous integrate-and-fire (CIF): frames to tokens, in closed form.
+
+CIF (Dong & Xu, 2020) walks over the frames accumulating weights ``alpha_t`` and
+"fires" a token each time the accumulated weight crosses the threshold θ. With
+``c_t = alpha_1 + ... + alpha_t`` (``c_0 = 0``), token ``n`` (0-based) is
+
+    token_n = Σ_t w[n, t] · h_t,   w[n, t] = max(0, min(c_t, (n+1)θ) − max(c_{t−1}, nθ)),
+
+the part of frame t's weight that falls inside ``[nθ, (n+1)θ)``. A token is a weighted
+*sum* of frames (as in BLSP and FunASR), so the weights of a full token add up to θ.
+A row yields ``floor(c_T / θ)`` full tokens; the remainder ``c_T − floor(c_T/θ)·θ`` is
+dropped, or, when ``tail_threshold`` is given and the remainder reaches it, becomes one
+more token whose weights add up to the remainder (it is not rescaled to θ).
+
+No loop over frames or tokens: frame t touches only the tokens ``floor(c_{t−1}/θ) ..
+floor(c_t/θ)`` (several when alpha_t > θ), so ``w`` is a band with about ``T + N``
+non-zeros per row. They are listed with tensor ops as (token, frame, weight) triples,
+already ordered by token, and ``F.embedding_bag(mode="sum", per_sample_weights=w)``
+computes every weighted sum in one fused, differentiable gather-and-add (one bag per
+output token, empty for padding). The cumulative sum and the weights are computed in
+float64, so 100k-frame inputs do not drift; gradients reach both ``hidden`` and
+``alphas`` (through ``w``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cif(
+    hidden: torch.Tensor, alphas: torch.Tensor, threshold: float = 1.0, tail_threshold: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrate frames into tokens with continuous integrate-and-fire (closed form above).
+
+    Args:
+        hidden: ``[B, T, D]`` frames (float32, bfloat16, float16 or float64).
+        alphas: ``[B, T]`` non-negative weights; padding frames must have weight 0.
+        threshold: θ > 0, the weight one token integrates.
+        tail_threshold: when set (0 < tail_threshold <= θ), a remainder of at least this
+            much after the last firing becomes one more token (weights not rescaled).
+
+    Returns:
+        ``(tokens, lengths)``: ``tokens`` ``[B, N_max, D]`` in ``hidden``'s dtype, zero
+        beyond each row's length (``N_max`` may be 0); ``lengths`` LongTensor ``[B]``.
+
+    Raises:
+        ValueError: on mismatched shapes, θ <= 0, a tail threshold outside (0, θ], or
+            negative / non-finite alphas.
+    """
+    _check(hidden, alphas, threshold, tail_threshold)
+    batch, time, width = hidden.shape
+    if time == 0:
+        return hidden.new_zeros(batch, 0, width), torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    c = alphas.double().cumsum(1)  # (B, T), c_t
+    if not bool(torch.isfinite(c[:, -1]).all() & (alphas >= 0).all()):
+        raise ValueError("cif: alphas must be finite and non-negative")
+    c_prev = F.pad(c[:, :-1], (1, 0))  # (B, T), c_{t-1}
+    lengths = _token_counts(c[:, -1], threshold, tail_threshold)  # (B,)
+    n_max = int(lengths.max())
+
+    # Band of w: frame t feeds tokens first..last; tokens past the row's length are dropped.
+    first = torch.floor(c_prev / threshold).long()  # (B, T)
+    last = torch.minimum(torch.floor(c / threshold).long(), lengths[:, None] - 1)
+    per_frame = (last - first + 1).clamp_min(0).flatten()  # (B·T,)
+    frame = torch.repeat_interleave(per_frame)  # (E,) frame of each band entry, in order
+    step = torch.arange(len(frame), device=frame.device) - (per_frame.cumsum(0) - per_frame)[frame]
+    token = first.flatten()[frame] + step  # (E,) token index within the row
+
+    n = token.double()
+    weight = torch.minimum(c.flatten()[frame], (n + 1) * threshold) - torch.maximum(c_prev.flatten()[frame], n * threshold)
+    # entries sorted by output row = b·N_max + token, so each row's entries are one bag
+    bag = torch.div(frame, time, rounding_mode="floor") * n_max + token
+    offsets = torch.searchsorted(bag, torch.arange(batch * n_max, device=bag.device))
+    tokens = F.embedding_bag(
+        frame, hidden.reshape(batch * time, width), offsets, mode="sum",
+        per_sample_weights=weight.clamp_min(0).to(hidden.dtype),  # clamp: θ != 1 division round-off
+    )
+    return tokens.view(batch, n_max, width), lengths
+
+
+def _token_counts(total: torch.Tensor, threshold: float, tail_threshold: float | None) -> torch.Tensor:
+    """Full firings per row, plus one where the remainder reaches ``tail_threshold``."""
+    full = torch.floor(total / threshold).long()
+    if tail_threshold is None:
+        return full
+    return full + (total - full * threshold >= tail_threshold).long()
+
+
+def _check(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float, tail_threshold: float | None) -> None:
+    if hidden.dim() != 3 or alphas.shape != hidden.shape[:2]:
+        raise ValueError(f"cif: hidden must be [B, T, D] and alphas [B, T]; got {tuple(hidden.shape)} and {tuple(alphas.shape)}")
+    if not threshold > 0:
+        raise ValueError(f"cif: threshold must be > 0, got {threshold}")
+    if tail_threshold is not None and not 0 < tail_threshold <= threshold:
+        raise ValueError(f"cif: tail_threshold must be in (0, threshold={threshold}], got {tail_threshold}")
