@@ -130,6 +130,11 @@ class Config(Strict):
                 raise ValueError(_describe(error, prefix=f"adapters.{index}", model=spec_class)) from None
             except ValueError as error:
                 raise ValueError(f"config key 'adapters.{index}.type': {error}") from None
+            if adapter_class(entry["type"]).per_example:
+                raise ValueError(
+                    f"config key 'adapters.{index}.type': {entry['type']} picks an adapter per example, which "
+                    "the trainer does not set; use mmadapt.adapters.example_adapters() in your own loop"
+                )
         if self.train.align_steps >= self.train.max_steps:
             raise ValueError(
                 f"config key 'train.align_steps': {self.train.align_steps} leaves no LM step "
