@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -291,11 +292,14 @@ class MultimodalLM(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         use_cache: bool = True,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Decode after a left-padded prompt; returns new tokens ``[B, <= max_new_tokens]``.
 
         Prompt image positions keep their adapter effect through the KV cache; every
         generated token is text. Rows that finished are padded with the EOS id.
+        ``on_token``, when given, is called with each new token ``[B]`` as it is chosen
+        (for streaming).
         """
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         speech_tokens = None
@@ -311,6 +315,8 @@ class MultimodalLM(nn.Module):
         for _ in range(max_new_tokens):
             token = _choose(logits, do_sample, temperature).masked_fill(finished, eos)  # (B,)
             new_tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             finished |= token == eos
             if _all_ranks_finished(finished):
                 break

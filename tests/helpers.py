@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "data" / "shapes"
+SPEECH = REPO / "data" / "speech"
 # Set by an in-process run in another test; a subprocess must start its own process group.
 LAUNCHER_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 TINY = [
@@ -20,13 +21,22 @@ TINY = [
 
 def shapes_subset(folder: Path, n_train: int = 32, n_test: int = 8) -> dict[str, Path]:
     """Write the first records of the shapes splits to ``folder`` with absolute image paths."""
+    return _subset(SHAPES, "images", folder, n_train, n_test)
+
+
+def speech_subset(folder: Path, n_train: int = 16, n_test: int = 8) -> dict[str, Path]:
+    """Write the first records of the bundled speech splits to ``folder`` with absolute audio paths."""
+    return _subset(SPEECH, "audios", folder, n_train, n_test)
+
+
+def _subset(source: Path, files: str, folder: Path, n_train: int, n_test: int) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, count in (("train", n_train), ("test", n_test)):
-        lines = (SHAPES / f"{split}.jsonl").read_text().splitlines()[:count]
+        lines = (source / f"{split}.jsonl").read_text().splitlines()[:count]
         records = [json.loads(line) for line in lines]
         for record in records:
-            record["images"] = [str(SHAPES / p) for p in record["images"]]
+            record[files] = [str(source / p) for p in record[files]]
         paths[split] = folder / f"{split}.jsonl"
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in records))
     return paths
@@ -36,9 +46,11 @@ def tiny_overrides(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [*TINY, f"data.train={data['train']}", f"data.eval={data['test']}", f"train.output_dir={out}", *extra]
 
 
-def run_train(overrides: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``train.py`` with the xcomposer recipe as a subprocess (plain python unless a launcher is given)."""
-    command = [*(launcher or [sys.executable]), "train.py", "--config", "configs/xcomposer.yaml", *overrides]
+def run_train(
+    overrides: list[str], launcher: list[str] | None = None, timeout: int = 600, recipe: str = "xcomposer"
+) -> subprocess.CompletedProcess:
+    """Run ``train.py`` with a recipe as a subprocess (plain python unless a launcher is given)."""
+    command = [*(launcher or [sys.executable]), "train.py", "--config", f"configs/{recipe}.yaml", *overrides]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=train_env())
 
 

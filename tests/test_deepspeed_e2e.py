@@ -8,7 +8,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 
 import mmadapt
-from tests.helpers import deepspeed_launcher, metrics, run_train, shapes_subset, tiny_overrides
+from tests.helpers import deepspeed_launcher, metrics, run_train, shapes_subset, speech_subset, tiny_overrides
 
 pytestmark = pytest.mark.deepspeed_launch
 
@@ -60,3 +60,24 @@ def test_hostfile_with_two_localhost_slots(tmp_path):
     hostfile.write_text("localhost slots=2\n")
     # One host in the file means a local launch; a real cluster also needs passwordless ssh (README).
     _two_rank_run(tmp_path, 2, "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_blsp_kd_two_ranks(tmp_path, stage):
+    data = speech_subset(tmp_path / "data")
+    out = tmp_path / "out"
+    overrides = tiny_overrides(data, out, f"deepspeed.zero_stage={stage}", "train.max_steps=8", "train.align_steps=3")
+    result = run_train(overrides, deepspeed_launcher("--num_gpus", "2", "--master_port", _free_port()), recipe="blsp_kd")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 9))
+    assert all({"loss_align", "loss_quantity"} <= set(r) for r in train_rows[:3])
+    assert all({"loss_kd", "loss_input_kl", "loss_quantity"} <= set(r) for r in train_rows[3:])
+    [final] = [r for r in rows if "eval_loss" in r]
+    assert 0 <= final["eval_kd_top1"] <= 1 and 0 <= final["eval_cif_len_within1"] <= 1
+    assert (out / "checkpoints" / "step-8" / "rng_rank1.pt").exists(), "second rank did not run"
+    exported = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert any(n.startswith("encoders.speech.") for n in exported)
+    assert any(n.startswith("projectors.speech.cformer.") for n in exported)
+    assert any(".mmadapt." in n and t.abs().sum() > 0 for n, t in exported.items())
