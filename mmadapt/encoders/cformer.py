@@ -4,12 +4,15 @@ After BLSP-Emo's released ``CFormer`` (cwang621/blsp-emo, ``src/modeling_adapter
 which BLSP-KD uses::
 
     hidden [B, T, W] (frame_mask) --pre-CIF layers--> [B, T, W]
-        last channel --sigmoid, 0 on padding--> alphas [B, T] --rescale to the token count-->
-        channels [:-1] --cif()--> [B, N, W-1] --Linear(W-1, W)--> --post-CIF layers--> tokens [B, N, W]
+        Linear(W, 1) + bias --sigmoid, 0 on padding--> alphas [B, T] --rescale to the token count-->
+        all channels --cif()--> [B, N, W] --Linear(W, W)--> --post-CIF layers--> tokens [B, N, W]
 
-As there, the alpha is read from the last channel of the pre-CIF output and only the
-other ``W - 1`` channels are integrated, then projected back to ``W``; with no pre-CIF
-layers a ``Linear(W, W)`` takes their place. Their layers are Whisper encoder layers (pre-norm,
+Unlike there, the alpha comes from its own linear head rather than the last channel of
+the pre-CIF output: the head starts at zero weight with its bias at ``alpha_init``, so
+the first steps see uniform segmentation at about the data's token rate. Read off a
+channel whose scale depends on the encoder, the initial Σα was 5x the token count here,
+the quantity loss drove every alpha into sigmoid saturation, and it stayed stuck at 1.0
+(no gradient) for ~50 steps. With no pre-CIF layers a ``Linear(W, W)`` takes their place. Their layers are Whisper encoder layers (pre-norm,
 GELU); here they are ``nn.TransformerEncoderLayer`` with ``norm_first=True`` and GELU, and,
 unlike theirs, the pre-CIF layers mask padding frames. Their LM head (a CTC-style
 auxiliary) and the projection to the LLM width are left out: the projector lives in
@@ -23,6 +26,8 @@ whole token, which keeps the count exact.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -48,6 +53,10 @@ class CFormerConfig(BaseModel):
     ffn: int | None = Field(None, gt=0, description="feed-forward width of each layer; null = 4 x width")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the transformer layers")
     threshold: float = Field(1.0, gt=0, description="CIF firing threshold: the alpha weight one token integrates")
+    alpha_init: float = Field(
+        0.1, gt=0, lt=1, description="typical CIF weight per frame at init (the alpha head's bias): about one "
+        "token per 1/alpha_init encoder frames; near the data's rate keeps the quantity loss from saturating sigmoid",
+    )
     tail_threshold: float = Field(
         0.5, gt=0, description="a CIF remainder at least this large fires one more token; after rescaling "
         "the remainder is round-off only, so this keeps counts exact (must be <= threshold)",
@@ -58,7 +67,7 @@ class CFormerConfig(BaseModel):
         if self.width is not None and self.width % self.heads:
             raise ValueError(f"cformer.heads: {self.heads} does not divide cformer.width {self.width}")
         if self.tail_threshold > self.threshold:
-            raise ValueError(f"cformer.tail_threshold: {self.tail_threshold} exceeds cformer.threshold {self.threshold}")
+            raise ValueError(f"cformer.tail_threshold: {self.tail_threshold} exceeds threshold {self.threshold}")
         return self
 
 
@@ -88,7 +97,10 @@ class CFormer(nn.Module):
             self.pre = nn.ModuleList(_layer(cfg) for _ in range(cfg.pre_layers))
         else:
             self.pre_linear = nn.Linear(cfg.width, cfg.width)
-        self.cif_proj = nn.Linear(cfg.width - 1, cfg.width)
+        self.alpha_head = nn.Linear(cfg.width, 1)
+        nn.init.zeros_(self.alpha_head.weight)
+        nn.init.constant_(self.alpha_head.bias, math.log(cfg.alpha_init / (1 - cfg.alpha_init)))
+        self.cif_proj = nn.Linear(cfg.width, cfg.width)
         self.post = nn.ModuleList(_layer(cfg) for _ in range(cfg.post_layers))
 
     def forward(
@@ -111,14 +123,14 @@ class CFormer(nn.Module):
         _check(hidden, frame_mask, target_lengths)
         x = self._pre_cif(hidden, frame_mask)  # (B, T, W)
         # alphas in fp32 whatever the layers' dtype: they decide token boundaries
-        alphas = torch.sigmoid(x[..., -1].float()).masked_fill(~frame_mask, 0.0)  # (B, T)
+        alphas = torch.sigmoid(self.alpha_head(x).squeeze(-1).float()).masked_fill(~frame_mask, 0.0)  # (B, T)
         alpha_sum = alphas.sum(-1)  # (B,)
         threshold = self.cfg.threshold
         if target_lengths is None:
             target_lengths = torch.round(alpha_sum.detach() / threshold).long().clamp_min(1)
         scaled = _rescale(alphas, frame_mask, target_lengths * threshold)
-        frames = x[..., :-1].masked_fill(~frame_mask[..., None], 0.0)  # padding may hold anything
-        tokens, lengths = cif(frames, scaled, threshold, self.cfg.tail_threshold)  # (B, N, W-1)
+        frames = x.masked_fill(~frame_mask[..., None], 0.0)  # padding may hold anything
+        tokens, lengths = cif(frames, scaled, threshold, self.cfg.tail_threshold)  # (B, N, W)
         token_mask = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]  # (B, N)
         y = self.cif_proj(tokens)
         for layer in self.post:
@@ -160,7 +172,9 @@ def _layer(cfg: CFormerConfig) -> nn.TransformerEncoderLayer:
 
 def _check(hidden: torch.Tensor, frame_mask: torch.Tensor, target_lengths: torch.Tensor | None) -> None:
     if frame_mask.shape != hidden.shape[:2] or frame_mask.dtype != torch.bool:
-        raise ValueError(f"cformer: frame_mask must be Bool{list(hidden.shape[:2])}, got {frame_mask.dtype}{list(frame_mask.shape)}")
+        raise ValueError(
+            f"cformer: frame_mask must be Bool{list(hidden.shape[:2])}, got {frame_mask.dtype}{list(frame_mask.shape)}"
+        )
     empty = (~frame_mask.any(1)).nonzero().flatten()
     if len(empty):
         raise InputError(f"cformer: speech items {empty.tolist()} have no frames")

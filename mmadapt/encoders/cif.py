@@ -18,8 +18,8 @@ non-zeros per row. They are listed with tensor ops as (token, frame, weight) tri
 already ordered by token, and ``F.embedding_bag(mode="sum", per_sample_weights=w)``
 computes every weighted sum in one fused, differentiable gather-and-add (one bag per
 output token, empty for padding). The cumulative sum and the weights are computed in
-float64, so 100k-frame inputs do not drift; gradients reach both ``hidden`` and
-``alphas`` (through ``w``).
+float64, so 100k-frame inputs do not drift, then cast to ``hidden``'s dtype for the sum;
+gradients reach both ``hidden`` and ``alphas`` (through ``w``).
 """
 
 from __future__ import annotations
@@ -50,46 +50,50 @@ def cif(
     """
     _check(hidden, alphas, threshold, tail_threshold)
     batch, time, width = hidden.shape
-    if time == 0:
+    if alphas.numel() == 0:
         return hidden.new_zeros(batch, 0, width), torch.zeros(batch, dtype=torch.long, device=hidden.device)
-    c = alphas.double().cumsum(1)  # (B, T), c_t
-    if not bool(torch.isfinite(c[:, -1]).all() & (alphas >= 0).all()):
+    # cumulative weight in units of θ: token n gathers what falls inside [n, n+1)
+    u_all = F.pad(alphas.double() / threshold, (1, 0)).cumsum(1)  # (B, T+1), u_0 = 0
+    u_prev, u = u_all[:, :-1], u_all[:, 1:]  # c_{t-1}/θ, c_t/θ
+    if not bool(torch.isfinite(u[:, -1]).all() & (alphas.min() >= 0)):
         raise ValueError("cif: alphas must be finite and non-negative")
-    c_prev = F.pad(c[:, :-1], (1, 0))  # (B, T), c_{t-1}
-    lengths = _token_counts(c[:, -1], threshold, tail_threshold)  # (B,)
+    lengths = _token_counts(u[:, -1], None if tail_threshold is None else tail_threshold / threshold)  # (B,)
     n_max = int(lengths.max())
 
     # Band of w: frame t feeds tokens first..last; tokens past the row's length are dropped.
-    first = torch.floor(c_prev / threshold).long()  # (B, T)
-    last = torch.minimum(torch.floor(c / threshold).long(), lengths[:, None] - 1)
-    per_frame = (last - first + 1).clamp_min(0).flatten()  # (B·T,)
+    first = torch.floor(u_prev)  # (B, T)
+    last = torch.minimum(torch.floor(u), (lengths[:, None] - 1).double())
+    per_frame = (last - first + 1).clamp_min(0).long().flatten()  # (B·T,)
     frame = torch.repeat_interleave(per_frame)  # (E,) frame of each band entry, in order
-    step = torch.arange(len(frame), device=frame.device) - (per_frame.cumsum(0) - per_frame)[frame]
-    token = first.flatten()[frame] + step  # (E,) token index within the row
-
-    n = token.double()
-    weight = torch.minimum(c.flatten()[frame], (n + 1) * threshold) - torch.maximum(c_prev.flatten()[frame], n * threshold)
-    # entries sorted by output row = b·N_max + token, so each row's entries are one bag
-    bag = torch.div(frame, time, rounding_mode="floor") * n_max + token
+    step = torch.arange(len(frame), device=frame.device) - (per_frame.cumsum(0) - per_frame)[frame]  # token - first
+    # output row b·N_max + token: entries come sorted by it, so each row's entries are one bag
+    first_row = first.long() + torch.arange(batch, device=first.device)[:, None] * n_max  # (B, T)
+    bag = first_row.flatten()[frame] + step  # (E,)
     offsets = torch.searchsorted(bag, torch.arange(batch * n_max, device=bag.device))
+
+    # w / θ = min(u_t, n+1) - max(u_{t-1}, n), written relative to `first` (exact in float64)
+    k = step.double()
+    weight = torch.minimum((u - first).flatten()[frame], k + 1) - torch.maximum((u_prev - first).flatten()[frame], k)
     tokens = F.embedding_bag(
         frame, hidden.reshape(batch * time, width), offsets, mode="sum",
-        per_sample_weights=weight.clamp_min(0).to(hidden.dtype),  # clamp: θ != 1 division round-off
+        per_sample_weights=(weight.clamp_min(0) * threshold).to(hidden.dtype),  # clamp: -1 ulp at most
     )
     return tokens.view(batch, n_max, width), lengths
 
 
-def _token_counts(total: torch.Tensor, threshold: float, tail_threshold: float | None) -> torch.Tensor:
-    """Full firings per row, plus one where the remainder reaches ``tail_threshold``."""
-    full = torch.floor(total / threshold).long()
-    if tail_threshold is None:
-        return full
-    return full + (total - full * threshold >= tail_threshold).long()
+def _token_counts(total: torch.Tensor, tail: float | None) -> torch.Tensor:
+    """Full firings per row (``total`` in units of θ), plus one where the remainder reaches ``tail``."""
+    full = torch.floor(total)
+    if tail is not None:
+        full = full + (total - full >= tail)
+    return full.long()
 
 
 def _check(hidden: torch.Tensor, alphas: torch.Tensor, threshold: float, tail_threshold: float | None) -> None:
     if hidden.dim() != 3 or alphas.shape != hidden.shape[:2]:
-        raise ValueError(f"cif: hidden must be [B, T, D] and alphas [B, T]; got {tuple(hidden.shape)} and {tuple(alphas.shape)}")
+        raise ValueError(
+            f"cif: hidden must be [B, T, D] and alphas [B, T]; got {tuple(hidden.shape)} and {tuple(alphas.shape)}"
+        )
     if not threshold > 0:
         raise ValueError(f"cif: threshold must be > 0, got {threshold}")
     if tail_threshold is not None and not 0 < tail_threshold <= threshold:
