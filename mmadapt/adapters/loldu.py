@@ -80,7 +80,8 @@ class LoLDU(Adapter):
         self.register_buffer("lower", lower[:, : spec.r].to(dtype), persistent=False)  # L_r (out, r)
         self.register_buffer("upper", upper_r.to(dtype), persistent=False)  # U_r (r, in)
         self.register_buffer("pivots", pivots_d.to(dtype), persistent=False)  # D_r (r,)
-        self.register_buffer("sigma0", torch.tensor(spec.alpha / spec.r, dtype=dtype), persistent=False)
+        # shape (1,), not 0-dim: DeepSpeed broadcasts parameters viewed as bytes, which a 0-dim tensor cannot be
+        self.register_buffer("sigma0", torch.tensor([spec.alpha / spec.r], dtype=dtype), persistent=False)
         self.z = nn.Parameter(self.pivots.clone())
         if spec.train_sigma:
             self.sigma = nn.Parameter(self.sigma0.clone())

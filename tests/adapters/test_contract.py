@@ -342,3 +342,9 @@ def test_zero3_gathered_state_returns_full_adapter_tensors():
     assert gathered.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(gathered[name], tensor), name
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_no_zero_dim_parameters(name):
+    """DeepSpeed broadcasts every parameter viewed as bytes at engine start; 0-dim tensors cannot be viewed so."""
+    assert all(p.dim() >= 1 for p in adapter_parameters(injected(name)).values())
