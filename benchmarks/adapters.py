@@ -17,7 +17,7 @@ training process's ``ru_maxrss`` on CPU). Trainable adapter parameters are count
 on the built model (``build_model`` + ``adapter_parameters``).
 
 Run:  .venv/bin/python benchmarks/adapters.py [--steps N] [--align-steps N] [--variants a,b]
-          [--model models/x.yaml] [--eval-samples N] [--work DIR] [dotted.key=value ...]
+          [--model models/x.yaml] [--eval-samples N] [--work DIR] [--resume WORK/TIME] [dotted.key=value ...]
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ class Result:
     step_s: float  # mean seconds per LM step
     steps_timed: int
     peak_mem_mb: float
-    wall_s: float  # the whole train.py process
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -97,21 +96,19 @@ def count_adapter_parameters(common: list[str], spec: dict) -> int:
     return sum(p.numel() for p in adapter_parameters(model).values())
 
 
-def train(variant: str, spec: dict, common: list[str], out: Path) -> float:
-    """Run train.py for one variant; returns the process's wall seconds."""
+def train(variant: str, spec: dict, common: list[str], out: Path) -> None:
+    """Run train.py for one variant."""
     command = [sys.executable, "train.py", "--config", RECIPE, *common,
                f"adapters={json.dumps([spec])}", f"train.output_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k != "RANK"}  # train.py sets up its own single process
-    started = time.perf_counter()
     with open(out.parent / f"{variant}.log", "w") as log:
         done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
         tail = (out.parent / f"{variant}.log").read_text()[-3000:]
         raise SystemExit(f"{variant}: train.py failed ({done.returncode}):\n{tail}")
-    return time.perf_counter() - started
 
 
-def summarize(variant: str, spec: dict, out: Path, params: int, wall_s: float, samples_per_step: int) -> Result:
+def summarize(variant: str, spec: dict, out: Path, params: int, samples_per_step: int) -> Result:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lm_steps = [row for row in rows if "samples_per_s" in row and "loss_align" not in row]
     timed = lm_steps[WARMUP_STEPS:] or lm_steps  # a smoke run may have no step past warm-up
@@ -124,16 +121,15 @@ def summarize(variant: str, spec: dict, out: Path, params: int, wall_s: float, s
         step_s=statistics.fmean(samples_per_step / row["samples_per_s"] for row in timed),
         steps_timed=len(timed),
         peak_mem_mb=max(row["peak_mem_mb"] for row in rows if "peak_mem_mb" in row),
-        wall_s=wall_s,
     )
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| variant | eval accuracy | adapter params | s / step | peak memory (MB) | process wall (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | eval accuracy | adapter params | s / step | peak memory (MB) |",
+             "|---|---|---|---|---|"]
     for res in results:
         lines.append(f"| {res.variant} | {res.eval_accuracy:.3f} | {res.adapter_params:,} | {res.step_s:.3f} | "
-                     f"{res.peak_mem_mb:.0f} | {res.wall_s:.0f} |")
+                     f"{res.peak_mem_mb:.0f} |")
     return "\n".join(lines)
 
 
@@ -198,6 +194,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=None, help="data.eval_samples (default: the recipe's)")
     parser.add_argument("overrides", nargs="*", help="more dotted.key=value overrides for every run")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-adapters", help="folder for the runs")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="an earlier run folder (WORK/<time>): variants that finished there are not trained again")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     return args
@@ -217,15 +215,16 @@ def main() -> None:
         skipped = {name: why for name, why in skipped.items() if name in wanted}
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
-    work = args.work / time.strftime("%Y%m%d-%H%M%S")
-    work.mkdir(parents=True)
+    work = args.resume or args.work / time.strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
     samples_per_step = cfg.train.batch_size * cfg.train.grad_accum
     results = []
     for variant, spec in specs.items():
         print(f"{variant} ...", flush=True)
         params = count_adapter_parameters(common, spec)
-        wall_s = train(variant, spec, common, work / variant)
-        results.append(summarize(variant, spec, work / variant, params, wall_s, samples_per_step))
+        if not (work / variant / "adapter" / "adapter_config.json").exists():
+            train(variant, spec, common, work / variant)
+        results.append(summarize(variant, spec, work / variant, params, samples_per_step))
         print(f"  accuracy {results[-1].eval_accuracy:.3f}, {params:,} adapter params, "
               f"{results[-1].step_s:.3f} s/step, {results[-1].peak_mem_mb:.0f} MB", flush=True)
     if not results:
