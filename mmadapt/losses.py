@@ -58,8 +58,3 @@ def embedding_regression(tokens: torch.Tensor, targets: torch.Tensor) -> torch.T
     """
     return F.mse_loss(tokens.float(), targets.float()) / targets.float().pow(2).mean().clamp(min=1e-12)
 
-
-def cif_quantity_loss(alpha_sum: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean of |Σα − N| / N: pulls the CIF weight total towards the transcript's token count."""
-    targets = targets.to(alpha_sum.dtype)
-    return ((alpha_sum - targets).abs() / targets.clamp(min=1)).mean()

@@ -28,10 +28,10 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .encoders.cformer import quantity_loss as cif_quantity_loss
 from .errors import InputError
 from .losses import (
     IGNORE,
-    cif_quantity_loss,
     distillation_kl,
     embedding_regression,
     next_token_loss,
@@ -240,8 +240,8 @@ class MultimodalLM(nn.Module):
                 head(student.last_hidden_state[span]), head(teacher.last_hidden_state[span]), settings.temperature
             )
         if speech.targets is not None:
-            parts["quantity"] = cif_quantity_loss(cif.alpha_sum, speech.targets)
-            within = (cif.alpha_sum.detach().round() - speech.targets).abs() <= 1
+            parts["quantity"] = cif_quantity_loss(cif.alpha_sum, speech.targets, self._cif_threshold)
+            within = (cif.alpha_sum.detach().div(self._cif_threshold).round() - speech.targets).abs() <= 1
             counts["cif_len_within1"] = (int(within.sum()), within.numel())
         loss = sum(getattr(settings, name) * value for name, value in parts.items())
         return MultimodalOutput(loss=loss, parts=parts, counts=counts)
@@ -267,6 +267,10 @@ class MultimodalLM(nn.Module):
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
+    @property
+    def _cif_threshold(self) -> float:
+        return self.projectors["speech"].cformer.cfg.threshold
+
     def _speech_alignment(self, input_ids, attention_mask, speech: SpeechBatch, teacher_input_ids) -> MultimodalOutput:
         """Cheap first BLSP stage, no LLM pass: each CIF token (count forced to the
         transcript's) regresses onto the LLM input embedding of its transcript token."""
@@ -276,7 +280,7 @@ class MultimodalLM(nn.Module):
         transcript = self.llm.get_input_embeddings()(teacher_input_ids[modality == SPEECH])  # (ΣN, D)
         parts = {
             "align": embedding_regression(torch.cat(speech_tokens), transcript),
-            "quantity": cif_quantity_loss(cif.alpha_sum, speech.targets),
+            "quantity": cif_quantity_loss(cif.alpha_sum, speech.targets, self._cif_threshold),
         }
         return MultimodalOutput(loss=parts["align"] + self.distill.quantity * parts["quantity"], parts=parts)
 

@@ -53,17 +53,19 @@ def cif(
     if alphas.numel() == 0:
         return hidden.new_zeros(batch, 0, width), torch.zeros(batch, dtype=torch.long, device=hidden.device)
     # cumulative weight in units of θ: token n gathers what falls inside [n, n+1)
-    u_all = F.pad(alphas.double() / threshold, (1, 0)).cumsum(1)  # (B, T+1), u_0 = 0
+    scaled = alphas.double() if threshold == 1 else alphas.double() / threshold
+    u_all = F.pad(scaled, (1, 0)).cumsum(1)  # (B, T+1), u_0 = 0
     u_prev, u = u_all[:, :-1], u_all[:, 1:]  # c_{t-1}/θ, c_t/θ
-    if not bool(torch.isfinite(u[:, -1]).all() & (alphas.min() >= 0)):
-        raise ValueError("cif: alphas must be finite and non-negative")
     lengths = _token_counts(u[:, -1], None if tail_threshold is None else tail_threshold / threshold)  # (B,)
-    n_max = int(lengths.max())
+    # one host sync for both: NaN fails the >= test, +inf makes the total non-finite
+    ok, n_max = torch.stack([(alphas.min() >= 0) & torch.isfinite(u[:, -1].sum()), lengths.max()]).tolist()
+    if not ok:
+        raise ValueError("cif: alphas must be finite and non-negative")
 
-    # Band of w: frame t feeds tokens first..last; tokens past the row's length are dropped.
+    # Band of w: frame t feeds tokens first .. end-1; tokens past the row's length are dropped.
     first = torch.floor(u_prev)  # (B, T)
-    last = torch.minimum(torch.floor(u), (lengths[:, None] - 1).double())
-    per_frame = (last - first + 1).clamp_min(0).long().flatten()  # (B·T,)
+    end = torch.minimum(torch.floor(u) + 1, lengths[:, None].double())
+    per_frame = (end - first).clamp_min(0).long().flatten()  # (B·T,)
     frame = torch.repeat_interleave(per_frame)  # (E,) frame of each band entry, in order
     step = torch.arange(len(frame), device=frame.device) - (per_frame.cumsum(0) - per_frame)[frame]  # token - first
     # output row b·N_max + token: entries come sorted by it, so each row's entries are one bag
@@ -74,9 +76,10 @@ def cif(
     # w / θ = min(u_t, n+1) - max(u_{t-1}, n), written relative to `first` (exact in float64)
     k = step.double()
     weight = torch.minimum((u - first).flatten()[frame], k + 1) - torch.maximum((u_prev - first).flatten()[frame], k)
+    weight = weight.clamp_min(0)  # -1 ulp at most
     tokens = F.embedding_bag(
         frame, hidden.reshape(batch * time, width), offsets, mode="sum",
-        per_sample_weights=(weight.clamp_min(0) * threshold).to(hidden.dtype),  # clamp: -1 ulp at most
+        per_sample_weights=(weight if threshold == 1 else weight * threshold).to(hidden.dtype),
     )
     return tokens.view(batch, n_max, width), lengths
 
