@@ -53,7 +53,7 @@ def worker(arm: str, model_preset: str, batch_size: int, device: str) -> dict:
         param.requires_grad_(not name.startswith("llm.") or ".mmadapt." in name)
     dataset, _ = model_dataset(cfg, model, cfg.data.train)
     batch = Collator(model.tokenizer.pad_token_id)([dataset[i] for i in range(batch_size)])
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if v is not None}
     if arm == "student only":
         inputs = {k: v for k, v in inputs.items() if not k.startswith("teacher_")}
     floor = peak_mb(device)
