@@ -86,3 +86,13 @@ def median_iqr(values: list[float]) -> tuple[float, float, float]:
 def paired_ratios(numerator: list[float], denominator: list[float]) -> list[float]:
     """Per-repetition ratios of two interleaved timings (cancels drift between repetitions)."""
     return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def load_note(timings: list[Timings], max_foreign: float) -> str:
+    """One sentence on how busy the machine was during the kept repetitions of ``timings``."""
+    foreign = [f for t in timings for f in t.foreign]
+    rerun = sum(t.rerun for t in timings)
+    return (
+        f"Other processes used a median {statistics.median(foreign):.1%} (max {max(foreign):.1%}) of the CPUs "
+        f"during the kept repetitions; {rerun} repetitions were run again because they exceeded {max_foreign:.0%}."
+    )

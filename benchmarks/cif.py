@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from _report import write_section
-from _timing import Timings, median_iqr, paired_ratios, time_interleaved
+from _timing import Timings, load_note, median_iqr, paired_ratios, time_interleaved
 
 from mmadapt.encoders.cif import cif
 
@@ -149,16 +148,6 @@ def verdict(results: list[Result]) -> str:
     return f"Target: forward >= {TARGET:.0f}x faster than the loop: {status} (worst {worst:.0f}x)."
 
 
-def load_note(results: list[Result]) -> str:
-    timings = [t for res in results for t in (res.forward, res.train)]
-    foreign = [f for t in timings for f in t.foreign]
-    rerun = sum(t.rerun for t in timings)
-    return (
-        f"Other processes used a median {statistics.median(foreign):.1%} (max {max(foreign):.1%}) of the CPUs "
-        f"during the kept repetitions; {rerun} repetitions were run again because they exceeded {MAX_FOREIGN:.0%}."
-    )
-
-
 def section(results: list[Result], args: argparse.Namespace) -> str:
     return f"""{SECTION}
 
@@ -175,7 +164,7 @@ batch {BATCH} x {FRAMES} frames (30 s of Whisper's 50 Hz frames) x width {WIDTH}
 [0, 2·mean), no padding; threshold 1. Mean 0.1 is speech-like (~5 text tokens per second);
 0.5 is a dense stress case. fwd+bwd backpropagates a random projection of the tokens to both
 hidden and alphas. Agreement: both implementations run in float64 on the same inputs give equal
-token counts, tokens within the "max abs diff" column. {load_note(results)}
+token counts, tokens within the "max abs diff" column. {load_note([t for res in results for t in (res.forward, res.train)], MAX_FOREIGN)}
 
 {table(results)}
 
@@ -201,7 +190,7 @@ def main() -> None:
     results = [measure(mean, args.reps, args.train_reps) for mean in ALPHA_MEANS]
     print(table(results))
     print(verdict(results))
-    print(load_note(results))
+    print(load_note([t for res in results for t in (res.forward, res.train)], MAX_FOREIGN))
     if args.write:
         write_section(SECTION, section(results, args), ROOT / "BENCHMARKS.md")
 

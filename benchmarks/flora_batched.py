@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from _report import write_section
-from _timing import Timings, median_iqr, paired_ratios, time_interleaved
+from _timing import Timings, load_note, median_iqr, paired_ratios, time_interleaved
 from torch import nn
 
 import mmadapt.adapters.flora_batched  # noqa: F401  (registers the variant)
@@ -170,15 +170,6 @@ def verdict(results: list[Result]) -> str:
     )
 
 
-def load_note(results: list[Result]) -> str:
-    foreign = [f for res in results for f in res.timings.foreign]
-    rerun = sum(res.timings.rerun for res in results)
-    return (
-        f"Other processes used a median {statistics.median(foreign):.1%} (max {max(foreign):.1%}) of the CPUs "
-        f"during the kept repetitions; {rerun} repetitions were run again because they exceeded {MAX_FOREIGN:.0%}."
-    )
-
-
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
@@ -199,7 +190,7 @@ gradient before timing. Speed-ups are medians of per-repetition loop / batched r
 the interquartile range. Run `.venv/bin/python benchmarks/flora_batched.py --write --device {args.device}`
 ({args.reps} repetitions, {args.warmup} warm-up).
 
-Setup: {device_name(args.device)}, torch {torch.__version__}. {load_note(results)}
+Setup: {device_name(args.device)}, torch {torch.__version__}. {load_note([res.timings for res in results], MAX_FOREIGN)}
 
 {table(results)}
 
@@ -231,7 +222,7 @@ def main() -> None:
     results = [measure(llm, mode, args) for mode in MODES]
     print(table(results))
     print(verdict(results))
-    print(load_note(results))
+    print(load_note([res.timings for res in results], MAX_FOREIGN))
     if args.write:
         write_section(SECTION, section(results, args), ROOT / "BENCHMARKS.md")
 

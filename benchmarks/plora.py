@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from _report import write_section
-from _timing import Timings, median_iqr, paired_ratios, time_interleaved
+from _timing import Timings, load_note, median_iqr, paired_ratios, time_interleaved
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -315,15 +315,6 @@ def measure(r: int, fraction: float, args: argparse.Namespace) -> Result:
     return result
 
 
-def load_note(results: list[Result]) -> str:
-    foreign = [f for res in results for f in res.timings.foreign]
-    rerun = sum(res.timings.rerun for res in results)
-    return (
-        f"Other processes used a median {statistics.median(foreign):.1%} (max {max(foreign):.1%}) of the CPUs "
-        f"during the kept repetitions; {rerun} repetitions were run again because they exceeded {MAX_FOREIGN:.0%}."
-    )
-
-
 def table(results: list[Result]) -> str:
     head = ["r", "image tokens", "FLOP share", "base", *VARIANTS[1:], "overhead / share: ours, proposed, floor", "ours / (a)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -399,7 +390,7 @@ gradient. Elementwise work (scaling, adds, gathers) is left out of the share.
 On a shared 2-core machine another job's load makes every parallel op wait for a scheduler
 tick, which penalises variants made of many small ops; `benchmarks/_timing.py` measures
 other processes' CPU use per repetition and runs a repetition again above {MAX_FOREIGN:.0%}.
-{load_note(results)}
+{load_note([res.timings for res in results], MAX_FOREIGN)}
 
 {table(results)}
 
@@ -442,7 +433,7 @@ def main() -> None:
     results = [measure(r, fraction, args) for r in RANKS for fraction in FRACTIONS]
     print(table(results))
     print(verdict(results))
-    print(load_note(results))
+    print(load_note([res.timings for res in results], MAX_FOREIGN))
     if args.write:
         plot(results, ROOT / "benchmarks" / "plora.png")
         write_section(SECTION, section(results, args), ROOT / "BENCHMARKS.md")

@@ -15,11 +15,11 @@ folder, as data/README.md requires.
 
 import argparse
 import csv
-import json
 import os
 import sys
 from pathlib import Path
 
+from mmadapt.data.records import write_jsonl
 from mmadapt.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -152,9 +152,7 @@ def main() -> None:
     except (OSError, UnicodeDecodeError, InputError) as error:
         print(f"convert_audio_folder.py: {error}", file=sys.stderr)
         sys.exit(2)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from mmadapt.data.records import write_jsonl
+
 SOURCE_PLACEHOLDER = "<ImageHere>"
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -104,9 +106,7 @@ def main() -> None:
     except (OSError, ValueError) as error:
         print(f"{args.input}: {error}", file=sys.stderr)
         sys.exit(2)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mmadapt.config import load_config
+from mmadapt.data.records import write_jsonl
 from mmadapt.data.tokenize import distillation_prompt
 from mmadapt.llm import load_llm
 from mmadapt.model import MultimodalLM
@@ -51,9 +51,7 @@ def fill_responses(path: Path, teacher: MultimodalLM, cfg, args) -> int:
         batch = todo[start : start + args.batch_size]
         for record, response in zip(batch, generate(teacher, cfg, [r["transcript"] for r in batch], args.max_new_tokens)):
             record["response"] = response
-    temporary = path.with_suffix(".jsonl.tmp")
-    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(temporary, path)
+    write_jsonl(path, records)
     return len(todo)
 
 

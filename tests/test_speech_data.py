@@ -37,7 +37,8 @@ def test_records_follow_schema(bundled):
     assert [r["id"] for r in train] == [f"train-{i:05d}" for i in range(2000)]
     assert [r["id"] for r in test] == [f"test-{i:05d}" for i in range(100)]
     for record in train + test:
-        assert set(record) == {"id", "audios", "transcript", "voice", "speed"}
+        assert set(record) == {"id", "audios", "transcript", "voice", "speed", "response"}
+        assert record["response"].strip()  # the teacher's continuation, from data/make_responses.py
         assert record["audios"] == [f"audio/{record['id']}.opus"]
         accent, variant = record["voice"].split("+")
         assert accent in make_speech.ACCENTS and variant in make_speech.VARIANTS

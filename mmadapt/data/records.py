@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,3 +220,13 @@ def _readable_image(folder: Path, name: str) -> str:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise _Invalid("unreadable image", f"image {name} is not a readable image: {error}") from None
     return path
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write one JSON object per line, through a temporary file, so ``path`` is never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(temporary, path)
