@@ -194,7 +194,7 @@ class MultimodalLM(nn.Module):
                 return self._speech_alignment(input_ids, attention_mask, speech, teacher_input_ids)
             return MultimodalOutput(loss=self.alignment_loss(input_ids, images, labels))
         cif = None if speech is None else self.encode_speech(speech)
-        speech_tokens = None if cif is None else [t[:n] for t, n in zip(cif.tokens, cif.lengths.tolist())]
+        speech_tokens = None if cif is None else _per_item(cif)
         embeds, modality, attention_mask, labels = self.embed(input_ids, images, speech_tokens, attention_mask, labels)
         if self.training and torch.is_grad_enabled() and not embeds.requires_grad:
             # Reentrant checkpointing only backpropagates into layers whose inputs need grad.
@@ -275,7 +275,7 @@ class MultimodalLM(nn.Module):
         """Cheap first BLSP stage, no LLM pass: each CIF token (count forced to the
         transcript's) regresses onto the LLM input embedding of its transcript token."""
         cif = self.encode_speech(speech)
-        speech_tokens = [t[:n] for t, n in zip(cif.tokens, cif.lengths.tolist())]
+        speech_tokens = _per_item(cif)
         _, modality, _, _ = self.embed(input_ids, None, speech_tokens, attention_mask)
         transcript = self.llm.get_input_embeddings()(teacher_input_ids[modality == SPEECH])  # (ΣN, D)
         parts = {
@@ -309,7 +309,7 @@ class MultimodalLM(nn.Module):
         speech_tokens = None
         if audio_features is not None:
             cif = self.encode_speech(SpeechBatch(audio_features, audio_frames))
-            speech_tokens = [t[:n] for t, n in zip(cif.tokens, cif.lengths.tolist())]
+            speech_tokens = _per_item(cif)
         embeds, modality, mask, _ = self.embed(input_ids, images, speech_tokens, mask)
         eos = self.tokenizer.eos_token_id
         cache = DynamicCache() if use_cache else None
@@ -363,6 +363,11 @@ def _group_of(name: str) -> str:
     if name.startswith("encoders."):
         return "speech" if name.startswith("encoders.speech.") else "vision"
     return "llm"
+
+
+def _per_item(cif) -> list[torch.Tensor]:
+    """The CFormer's padded ``tokens [N, n_max, D]`` as one ``[n_i, D]`` tensor per speech item."""
+    return [tokens[:n] for tokens, n in zip(cif.tokens, cif.lengths.tolist())]
 
 
 def _expand_speech(
