@@ -32,7 +32,6 @@ from _report import write_section
 from _timing import Timings, load_note, median_iqr, paired_ratios, time_interleaved
 from torch import nn
 
-import mmadapt.adapters.flora_batched  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_parameters, inject
 from mmadapt.llm import LLMConfig, load_llm
 from mmadapt.modality import example_adapters

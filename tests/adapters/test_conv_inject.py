@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-import mmadapt.adapters.flora_tucker  # noqa: F401
 from mmadapt.adapters import adapters_of, disable_adapters, inject
 from mmadapt.errors import InputError
 

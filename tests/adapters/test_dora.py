@@ -5,8 +5,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import mmadapt.adapters.dora  # noqa: F401  (registers the variant)
-import mmadapt.adapters.lora  # noqa: F401
 from mmadapt.adapters import adapter_parameters, inject, merge, parse_spec, unmerge
 from mmadapt.adapters.dora import DoRA
 from mmadapt.errors import InputError

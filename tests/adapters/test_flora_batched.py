@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-import mmadapt.adapters.flora_batched  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_parameters, adapters_of, disable_adapters, inject, merge, modality_ids, parse_spec
 from mmadapt.adapters.flora_batched import FloraBatched
 from mmadapt.errors import InputError

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import mmadapt.adapters.flora_tucker  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_parameters, inject, merge, parse_spec, unmerge
 from mmadapt.adapters.flora_tucker import FloraTucker
 from mmadapt.errors import InputError

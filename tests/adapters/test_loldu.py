@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch import nn
 
-import mmadapt.adapters.loldu  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_parameters, adapters_of, inject, merge, modality_ids, parse_spec, unmerge
 from mmadapt.adapters.loldu import LoLDU
 from mmadapt.errors import InputError

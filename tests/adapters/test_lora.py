@@ -5,7 +5,6 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-import mmadapt.adapters.lora  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_class, adapter_parameters, inject, merge, modality_ids, parse_spec, unmerge
 from mmadapt.adapters.lora import LoRA
 from mmadapt.adapters.plora import PLoRA

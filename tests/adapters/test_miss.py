@@ -5,7 +5,6 @@ from peft.tuners.miss.layer import MissLinear
 from pydantic import ValidationError
 from torch import nn
 
-import mmadapt.adapters.miss  # noqa: F401  (registers the variant)
 from mmadapt.adapters import adapter_class, adapter_parameters, inject, merge, parse_spec, unmerge
 from mmadapt.adapters.miss import MiSS
 from mmadapt.errors import InputError

@@ -5,9 +5,6 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-import mmadapt.adapters.dora  # noqa: F401  (registers the variants)
-import mmadapt.adapters.lora  # noqa: F401
-import mmadapt.adapters.miss  # noqa: F401
 from mmadapt.adapters import adapter_parameters, disable_adapters, inject
 from mmadapt.adapters.peft_export import export_peft
 from mmadapt.errors import InputError
