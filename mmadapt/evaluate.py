@@ -38,9 +38,17 @@ MODEL_INPUTS = (
 )
 
 
+GENERATION_INPUTS = ("input_ids", "attention_mask", "images", "audio_features", "audio_frames")
+
+
 def model_inputs(batch: dict) -> dict:
     """The keys of a collated batch that ``MultimodalLM.forward`` takes."""
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def generation_inputs(batch: dict) -> dict:
+    """The keys of a collated prompt batch that ``MultimodalLM.generate`` takes (absent items dropped)."""
+    return {k: batch[k] for k in GENERATION_INPUTS if batch.get(k) is not None}
 
 
 def evaluation(forward: nn.Module, model: MultimodalLM, eval_sets: tuple, cfg: Config) -> dict:
@@ -97,10 +105,7 @@ def task_accuracy(model: MultimodalLM, dataset, cfg: EvalConfig) -> float:
     collate = Collator(model.tokenizer.pad_token_id, padding_side="left")
     correct, total = 0, 0
     for batch in rank_batches(dataset, collate, cfg.batch_size):
-        generated = model.generate(
-            batch["input_ids"], batch["attention_mask"], batch.get("images"),
-            batch.get("audio_features"), batch.get("audio_frames"), max_new_tokens=cfg.max_new_tokens,
-        )
+        generated = model.generate(**generation_inputs(batch), max_new_tokens=cfg.max_new_tokens)
         if not batch["real"]:
             continue
         for tokens, reference in zip(generated, batch["references"]):

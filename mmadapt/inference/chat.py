@@ -26,10 +26,10 @@ from mmadapt.data.audio import load_audio
 from mmadapt.data.collate import Collator
 from mmadapt.data.tokenize import encode_prompt
 from mmadapt.errors import InputError
+from mmadapt.evaluate import generation_inputs
 from mmadapt.model import MultimodalLM
 
 PLACEHOLDERS = ("<image>", "<speech>")
-MODEL_INPUTS = ("input_ids", "attention_mask", "images", "audio_features", "audio_frames")
 
 
 class ChatSession:
@@ -120,7 +120,7 @@ class ChatSession:
         }
         batch = Collator(pad_token_id=0)([item])  # one row: never padded
         device = next(self.model.parameters()).device
-        inputs = {key: batch[key].to(device) for key in MODEL_INPUTS if batch.get(key) is not None}
+        inputs = {key: value.to(device) for key, value in generation_inputs(batch).items()}
         eos = tokenizer.eos_token_id
         stream = TextStream(tokenizer, on_text) if on_text is not None else None
 
