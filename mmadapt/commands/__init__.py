@@ -1,0 +1,1 @@
+"""One module per ``mmadapt`` sub-command: ``add_arguments(parser)`` and ``run(args)``."""
