@@ -61,6 +61,10 @@ class TrainConfig(Strict):
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scale: dict[Trainable, float] = Field(default_factory=dict, description="per-group lr multipliers")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only)")
+    optimizer: str = Field(
+        "adamw", description="adamw, or a method's optimizer (flora_opt; lora_pro, which lora_pro adapters select)"
+    )
+    optimizer_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the optimizer")
     warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 disables")

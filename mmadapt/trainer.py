@@ -21,11 +21,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint, distributed
+from .adapters import adapters_of
 from .config import Config, TrainConfig
 from .data.collate import Collator
+from .errors import InputError
 from .export import gathered_state, save_adapter
 from .evaluate import evaluation, model_inputs
+from .hooks import TrainingHooks, gradient_hooks
 from .model import MultimodalLM
+from .optim import build_optimizer
 
 
 class Trainer:
@@ -44,17 +48,21 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.stop_requested = False
         self.collate_train = Collator(model.tokenizer.pad_token_id, padding_side="right")
+        self.hooks = TrainingHooks(model, cfg.train.seed)
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self, resume_from: Path | None) -> None:
         import deepspeed
 
+        self.hooks.check_zero_stage(self.cfg.deepspeed.zero_stage)
         groups = self._set_trainable()
         n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
         if self.cfg.train.gradient_checkpointing:
             self.model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = self._optimizer(groups)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, train=self.cfg.train))
+        self.lr_cycle = self.hooks.lr_cycle()
+        factor = functools.partial(lr_factor, train=self.cfg.train, cycle=self.lr_cycle)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self._deepspeed_config()
         )
@@ -86,11 +94,22 @@ class Trainer:
                 {"params": vectors, "lr": lr, "weight_decay": 0.0},
             ]
         param_groups = [g for g in param_groups if g["params"]]
+        name = self._optimizer_name()
         if self.cfg.deepspeed.offload_optimizer:
+            if name != "adamw":
+                raise InputError(f"deepspeed.offload_optimizer uses DeepSpeedCPUAdam; train.optimizer={name} cannot offload")
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(param_groups, lr=train.lr, adamw_mode=True)
-        return torch.optim.AdamW(param_groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+        return build_optimizer(name, param_groups, self.model, train.optimizer_args, self.cfg.deepspeed.zero_stage)
+
+    def _optimizer_name(self) -> str:
+        """``train.optimizer``, or the optimizer the adapters' method needs (LoRA-Pro's)."""
+        needed = {a.optimizer for _, a in adapters_of(self.model) if a.optimizer}
+        chosen = self.cfg.train.optimizer
+        if len(needed) > 1 or (needed and chosen not in needed | {"adamw"}):
+            raise InputError(f"train.optimizer={chosen}, but the adapters need the optimizer(s) {sorted(needed)}")
+        return needed.pop() if needed else chosen
 
     def _deepspeed_config(self) -> dict:
         ds, train = self.cfg.deepspeed, self.cfg.train
@@ -111,9 +130,25 @@ class Trainer:
         return {**config, **ds.extra}
 
     # ---- data --------------------------------------------------------------------------
-    def _micro_batches(self, start: int) -> Iterator[dict]:
-        """Endless micro-batches in a seeded order; ``start`` skips those already consumed."""
-        sampler = list(_rank_batches(self.train_set.lengths, self.cfg, self.rank, self.world, start))
+    def _micro_batches(self, step: int) -> dict[str | None, Iterator[dict]]:
+        """Endless micro-batches in a seeded order, per data split (None: no splits), from ``step`` on."""
+        fractions = self.hooks.data_splits()
+        if fractions is None:
+            return {None: self._loader(range(len(self.train_set)), step * self.cfg.train.grad_accum)}
+        splits = split_indices(len(self.train_set), fractions, self.cfg.train.seed)
+        return {
+            name: self._loader(indices, self._steps_in_split(name, step) * self.cfg.train.grad_accum)
+            for name, indices in splits.items()
+        }
+
+    def _steps_in_split(self, name: str, step: int) -> int:
+        return sum(self.hooks.context(s).split == name for s in range(step))
+
+    def _loader(self, indices, start: int) -> Iterator[dict]:
+        """Micro-batches over ``indices`` of the train set; ``start`` skips those already consumed."""
+        lengths = [self.train_set.lengths[i] for i in indices]
+        local = _rank_batches(lengths, self.cfg, self.rank, self.world, start)
+        sampler = [[indices[i] for i in batch] for batch in local]
         loader = DataLoader(
             self.train_set,
             batch_sampler=sampler,
@@ -128,14 +163,15 @@ class Trainer:
         """Run until ``train.max_steps``, then export; Ctrl-C or SIGTERM checkpoints and stops."""
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self._train_loop()
+            with gradient_hooks(self.hooks):
+                self._train_loop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _train_loop(self) -> None:
         train = self.cfg.train
-        batches = self._micro_batches(self.step * train.grad_accum)
+        batches = self._micro_batches(self.step)
         bar = tqdm(total=train.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         self.engine.train()
         while self.step < train.max_steps and not self._stop_agreed():
@@ -159,18 +195,28 @@ class Trainer:
             checkpoint.save(self.engine, self.out, self.step, train.keep_last)
         self.export()
 
-    def _train_step(self, batches: Iterator[dict]) -> dict:
+    def _train_step(self, batches: dict[str | None, Iterator[dict]]) -> dict:
         started = time.perf_counter()
-        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg.train)
+        lr = self.cfg.train.lr * lr_factor(self.step, self.cfg.train, self.lr_cycle)
         align = self.step < self.cfg.train.align_steps
+        ctx = self.hooks.context(self.step, self.engine.optimizer)
         totals: dict[str, float] = {"loss": 0.0, "tokens": 0, "samples": 0}
-        for _ in range(self.cfg.train.grad_accum):
-            batch = _to_device(next(batches))
+        for micro in range(self.cfg.train.grad_accum):
+            batch = _to_device(next(batches[ctx.split]))
             out = self.engine(**model_inputs(batch), return_logits=False, align=align)
-            self.engine.backward(out.loss)
-            self.engine.step()
             parts = out.parts or ({"align": out.loss} if align else {})
-            for name, value in {"loss": out.loss, **{f"loss_{n}": v for n, v in parts.items()}}.items():
+            regulariser = self.hooks.extra_loss(ctx)
+            loss = out.loss if regulariser is None else out.loss + regulariser
+            if regulariser is not None:
+                parts = {**parts, "reg": regulariser}
+            self.engine.backward(loss)
+            last = micro == self.cfg.train.grad_accum - 1
+            if last:
+                self.hooks.before_step(ctx)
+            self.engine.step()
+            if last:
+                self.hooks.after_step(ctx)
+            for name, value in {"loss": loss, **{f"loss_{n}": v for n, v in parts.items()}}.items():
                 totals[name] = totals.get(name, 0.0) + value.item()
             totals["tokens"] += _llm_tokens(batch)
             totals["samples"] += len(batch["input_ids"])
@@ -200,6 +246,7 @@ class Trainer:
     def export(self) -> None:
         """Gather every trained tensor to rank 0 and write ``OUT/adapter/``."""
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        names |= {f"{a}.{b}" for a, adapter in adapters_of(self.model) for b, _ in adapter.named_buffers()}
         state = gathered_state(self.model, names)
         if self.rank == 0:
             meta = {
@@ -246,11 +293,15 @@ class Trainer:
         return bool(distributed.all_sum([float(self.stop_requested)])[0])
 
 
-def lr_factor(step: int, train: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine down to ``train.min_lr_ratio`` at ``max_steps``."""
+def lr_factor(step: int, train: TrainConfig, cycle: int | None = None) -> float:
+    """Linear warm-up to 1, then cosine down to ``train.min_lr_ratio`` at ``max_steps``;
+    with ``cycle``, the same shape over each ``cycle`` steps (restarted schedule)."""
+    length = cycle or train.max_steps
+    if cycle:
+        step %= cycle
     if step < train.warmup_steps:
         return (step + 1) / (train.warmup_steps + 1)
-    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    progress = (step - train.warmup_steps) / max(1, length - train.warmup_steps)
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -267,6 +318,19 @@ def _rank_batches(lengths: list[int], cfg: Config, rank: int, world: int, start:
             orders = {epoch: _epoch_order(lengths, size * world, cfg.data.group_by_length, cfg.train.seed * 1000 + epoch)}
         begin = (position * world + rank) * size
         yield orders[epoch][begin : begin + size]
+
+
+def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[int]]:
+    """Disjoint index lists of ``range(n)`` by name, sized by ``fractions``, in a seeded draw."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + 7)).tolist()
+    total = sum(fractions.values())
+    splits, begin, cumulative = {}, 0, 0.0
+    for name, fraction in fractions.items():
+        cumulative += fraction
+        end = round(n * cumulative / total)
+        splits[name] = order[begin:end]
+        begin = end
+    return splits
 
 
 def _epoch_order(lengths: list[int], global_batch: int, group_by_length: bool, seed: int) -> list[int]:

@@ -11,14 +11,17 @@ tokens, and a sequence without such tokens returns the base output bit for bit.
 from __future__ import annotations
 
 import abc
-
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..modality import MODALITIES, ModalityContext
+
+if TYPE_CHECKING:
+    from ..hooks import StepContext
 
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -59,14 +62,27 @@ class Adapter(nn.Module, abc.ABC):
     - ``per_example``: ``forward`` also takes ``examples`` (LongTensor[N], the example
       index of each row, as set by :func:`mmadapt.adapters.example_adapters`).
 
+    - ``zero_stages``: the DeepSpeed ZeRO stages its training hooks work under; the
+      trainer refuses the others, giving ``zero_stage_reason``.
+    - ``optimizer``: the optimizer wrapper (``mmadapt.optim``) its parameters need.
+
     A mergeable variant defines :meth:`delta_weight`; one whose merged weight is not
     ``W0 + delta`` overrides :meth:`merge` and :meth:`unmerge` as well. A variant that
     also adapts conv layers (``CONV_LAYERS``) defines :meth:`forward_full`.
+
+    A variant that acts through the training loop overrides the training hooks
+    (:meth:`gradient_hooks`, :meth:`extra_loss`, :meth:`before_step`,
+    :meth:`after_step`, :meth:`stage_steps`, :meth:`data_splits`); the trainer calls
+    them through :class:`mmadapt.hooks.TrainingHooks`. State they keep across steps
+    lives in buffers, so checkpoints, resume and the exported adapter carry it.
     """
 
     spec_class: ClassVar[type[AdapterSpec]] = AdapterSpec
     exclusive: ClassVar[bool] = False
     per_example: ClassVar[bool] = False
+    zero_stages: ClassVar[tuple[int, ...]] = (0, 1, 2, 3)
+    zero_stage_reason: ClassVar[str] = ""
+    optimizer: ClassVar[str | None] = None
 
     def __init__(self, base: nn.Module, spec: AdapterSpec) -> None:
         super().__init__()
@@ -111,6 +127,44 @@ class Adapter(nn.Module, abc.ABC):
         weight = self.base_layer.weight
         weight -= self.delta_weight().to(weight.dtype)
         self.merged = False
+
+    # ---- training hooks (no-ops unless a variant overrides them) ------------------------
+    def gradient_hooks(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Edits of this adapter's gradients by parameter name, run on each micro-batch's
+        gradient before it is accumulated or reduced across ranks (so under every ZeRO
+        stage). An edit must be linear in the gradient, so editing micro-batches equals
+        editing their sum."""
+        return {}
+
+    def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
+        """A regulariser added to each micro-batch's loss (its gradient then carries it)."""
+        return None
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Called once per optimizer step, after the last backward, before the update."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called once per optimizer step after the update; write parameters through ``ctx``."""
+
+    def stage_steps(self) -> int | None:
+        """Length of this method's training stages: the trainer calls :meth:`end_stage`
+        every that many steps (and restarts the LR schedule there when
+        :meth:`restarts_lr` says so)."""
+        return None
+
+    def restarts_lr(self) -> bool:
+        return False
+
+    def end_stage(self, ctx: StepContext) -> None:
+        """Called after the update of a step that ends a stage (see :meth:`stage_steps`)."""
+
+    def data_splits(self) -> dict[str, float] | None:
+        """Disjoint training-data splits by name and fraction (bi-level methods); the
+        trainer then draws each step's batches from the split :meth:`split_for_step` names."""
+        return None
+
+    def split_for_step(self, step: int) -> str:
+        raise NotImplementedError(f"{self.spec.type} declares no data splits")
 
     def _check_merged(self, expected: bool) -> None:
         if self.merged != expected:

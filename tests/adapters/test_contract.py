@@ -37,6 +37,7 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 BATTERY_SPECS = {
     "plora": {"type": "plora", "r": 2},
     "lora": {"type": "lora", "r": 2, "alpha": 4},
+    "lora_sp": {"type": "lora_sp", "r": 2, "alpha": 4},
     "dora": {"type": "dora", "r": 2, "alpha": 4},
     "miss": {"type": "miss", "r": 4},
     "bone": {"type": "bone", "r": 4},
