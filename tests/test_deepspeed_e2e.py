@@ -1,29 +1,21 @@
 """Two DeepSpeed ranks on this machine: ZeRO-2, ZeRO-3 with full export, and a hostfile launch."""
 
-import socket
-
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
 import mmadapt
-from tests.helpers import deepspeed_launcher, metrics, run_train, shapes_subset, speech_subset, tiny_overrides
+from tests.helpers import deepspeed_launcher, free_port, metrics, run_train, shapes_subset, speech_subset, tiny_overrides
 
 pytestmark = pytest.mark.deepspeed_launch
-
-
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def _two_rank_run(tmp_path, stage: int, *launcher_args: str):
     data = shapes_subset(tmp_path / "data")
     out = tmp_path / "out"
     overrides = tiny_overrides(data, out, f"deepspeed.zero_stage={stage}", "train.max_steps=8", "train.lr=5e-3")
-    launcher = deepspeed_launcher(*launcher_args, "--master_port", _free_port())
+    launcher = deepspeed_launcher(*launcher_args, "--master_port", free_port())
     result = run_train(overrides, launcher=launcher)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 9))
@@ -67,7 +59,7 @@ def test_blsp_kd_two_ranks(tmp_path, stage):
     data = speech_subset(tmp_path / "data")
     out = tmp_path / "out"
     overrides = tiny_overrides(data, out, f"deepspeed.zero_stage={stage}", "train.max_steps=8", "train.align_steps=3")
-    result = run_train(overrides, deepspeed_launcher("--num_gpus", "2", "--master_port", _free_port()), recipe="blsp_kd")
+    result = run_train(overrides, deepspeed_launcher("--num_gpus", "2", "--master_port", free_port()), recipe="blsp_kd")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = metrics(out)
     train_rows = [r for r in rows if "loss" in r]
