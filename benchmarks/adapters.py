@@ -48,6 +48,7 @@ SHARED = {"modalities": ["image"], "r": 16, "alpha": 16, "dropout": 0.05}
 SIZED = {  # fields beyond SHARED that size a variant like the preset's PLoRA r = 16
     "melora": {"n": 4},  # n divides SmolLM2's 576/192/1536 and tiny's 64/32/128 widths
     "flora_tucker": {"ranks": [16, 16], "alpha": None},  # scales by `scale`, not alpha
+    "allora": {"alpha": None, "dropout": None},  # no scale (alpha = r) and no dropout, by definition
 }
 
 
@@ -94,6 +95,12 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def count_adapter_parameters(common: list[str], spec: dict) -> int:
     model = build_model(load_config(ROOT / RECIPE, [*common, f"adapters={json.dumps([spec])}"]))
     return sum(p.numel() for p in adapter_parameters(model).values())
+
+
+def stage_override(variant: str, zero_stage: int) -> list[str]:
+    """The recipe's ZeRO stage, or the highest one the variant's method supports (LoRA-Pro: 0)."""
+    supported = ADAPTERS[variant].zero_stages
+    return [] if zero_stage in supported else [f"deepspeed.zero_stage={max(supported)}"]
 
 
 def train(variant: str, spec: dict, common: list[str], out: Path) -> None:
@@ -154,8 +161,12 @@ def plot(results: list[Result], path: Path) -> None:
 
 def section(results: list[Result], skipped: dict[str, str], cfg, args: argparse.Namespace) -> str:
     train, data = cfg.train, cfg.data
-    specs = "\n".join(f"- `{res.variant}`: `{json.dumps({k: v for k, v in res.spec.items() if k != 'targets'})}`"
-                      for res in results)
+    specs = "\n".join(
+        f"- `{res.variant}`: `{json.dumps({k: v for k, v in res.spec.items() if k != 'targets'})}`"
+        + "".join(f" (`{o}`: the method's ZeRO stages are {ADAPTERS[res.variant].zero_stages})"
+                  for o in stage_override(res.variant, cfg.deepspeed.zero_stage))
+        for res in results
+    )
     left_out = "\n".join(f"- `{name}`: {why}" for name, why in skipped.items()) or "- none"
     return f"""{SECTION}
 
@@ -223,7 +234,7 @@ def main() -> None:
         print(f"{variant} ...", flush=True)
         params = count_adapter_parameters(common, spec)
         if not (work / variant / "adapter" / "adapter_config.json").exists():
-            train(variant, spec, common, work / variant)
+            train(variant, spec, [*common, *stage_override(variant, cfg.deepspeed.zero_stage)], work / variant)
         results.append(summarize(variant, spec, work / variant, params, samples_per_step))
         print(f"  accuracy {results[-1].eval_accuracy:.3f}, {params:,} adapter params, "
               f"{results[-1].step_s:.3f} s/step, {results[-1].peak_mem_mb:.0f} MB", flush=True)

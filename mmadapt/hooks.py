@@ -45,35 +45,87 @@ class StepContext:
     optimizer: torch.optim.Optimizer | None = None
 
     @torch.no_grad()
+    def read(self, param: nn.Parameter) -> torch.Tensor:
+        """The value the optimizer holds: its fp32 master copy when it keeps one (under ZeRO
+        1-2 a collective: every rank calls it), else the parameter itself. Read-modify-write
+        through this, so a bf16 model copy does not round away updates."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        if _partitioned(param):
+            return safe_get_full_fp32_param(param).to(param.device)
+        return self._plain_master(param).detach().clone()
+
+    @torch.no_grad()
     def write(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Set ``param`` to ``value`` in the model and in the optimizer's master copy."""
         from deepspeed.utils import safe_set_full_fp32_param
 
         param.data.copy_(value.to(param.dtype))
-        safe_set_full_fp32_param(param, value.to(torch.float32))
+        if _partitioned(param):
+            safe_set_full_fp32_param(param, value.to(torch.float32))
+        else:
+            master = self._plain_master(param)
+            if master is not param:
+                master.copy_(value.to(master.dtype))
+
+    def optimizer_state(self, param: nn.Parameter, key: str) -> torch.Tensor | None:
+        """The optimizer's full state ``key`` (e.g. Adam's ``exp_avg``) of ``param``; None before its first step."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        if _partitioned(param):
+            return safe_get_full_optimizer_state(param, key)
+        if self.optimizer is None:
+            return None
+        return self._plain_optimizer().state.get(self._plain_master(param), {}).get(key)
 
     @torch.no_grad()
+    def set_optimizer_state(self, param: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if _partitioned(param):
+            safe_set_full_optimizer_state(param, value, key)
+        else:
+            self._plain_optimizer().state[self._plain_master(param)][key].copy_(value)
+
     def reset_optimizer_state(self, params: list[nn.Parameter]) -> None:
         """Zero the optimizer's moment estimates of ``params`` (Adam: exp_avg, exp_avg_sq).
 
         Under ZeRO the step counter belongs to the whole flat partition, so bias
         correction does not restart; with a plain optimizer (ZeRO 0) it does.
         """
-        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-
         for param in params:
-            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+            if _partitioned(param):
                 for key in ("exp_avg", "exp_avg_sq"):
-                    state = safe_get_full_optimizer_state(param, key)
+                    state = self.optimizer_state(param, key)
                     if state is not None:
-                        safe_set_full_optimizer_state(param, torch.zeros_like(state), key)
+                        self.set_optimizer_state(param, key, torch.zeros_like(state))
             elif self.optimizer is not None:
-                self.optimizer.state.pop(param, None)
+                self._plain_optimizer().state.pop(self._plain_master(param), None)
+
+    def _plain_optimizer(self) -> torch.optim.Optimizer:
+        """ZeRO 0: the torch optimizer, inside DeepSpeed's bf16/fp16 wrapper when there is one."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _plain_master(self, param: nn.Parameter) -> torch.Tensor:
+        """ZeRO 0 with bf16/fp16: the wrapper's fp32 copy of ``param`` (it keys the optimizer
+        state and overwrites the model copy each step); without a wrapper, ``param`` itself."""
+        low = getattr(self.optimizer, "fp16_groups", None) or []
+        masters = getattr(self.optimizer, "fp32_groups", None) or []
+        for group, master_group in zip(low, masters):
+            for index, candidate in enumerate(group):
+                if candidate is param:
+                    return master_group[index]
+        return param
 
     def generator(self, *keys: object) -> torch.Generator:
         """A generator seeded by the run seed, this step and ``keys``: the same on every rank."""
         text = "/".join(str(k) for k in (self.seed, self.step, *keys))
         return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+
+
+def _partitioned(param: nn.Parameter) -> bool:
+    """ZeRO 1-3 (and DeepSpeed's bf16 optimizer) keep master copy and moments in flat partitions."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
 class TrainingHooks:

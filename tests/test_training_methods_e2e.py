@@ -25,9 +25,16 @@ pytestmark = pytest.mark.deepspeed_launch
 HOOKS = ("gradient_hooks", "extra_loss", "before_step", "after_step", "stage_steps", "data_splits")
 # Each method on its own projection, all in one ZeRO-2 run.
 ZERO2_RUN = [
-    {"type": "lora_sp", "targets": ["q_proj"], "r": 4},
+    {"type": "lora_sp", "targets": ["q_proj"], "r": 4, "alpha": 8},
+    {"type": "periodic_lora", "targets": ["k_proj"], "r": 4, "alpha": 8, "stage_steps": 2},
+    {"type": "prilora", "targets": ["v_proj"], "r": 4, "alpha": 8, "prune_every": 2, "prune_fraction": 0.25},
+    {"type": "allora", "targets": ["o_proj"], "r": 8, "eta": 4.0},
+    {"type": "bilora", "targets": ["gate_proj"], "r": 4, "alpha": 8},
+    {"type": "trp", "targets": ["up_proj"], "r": 4, "alpha": 8, "energy": 0.9},
+    {"type": "flora_opt", "targets": ["down_proj"], "r": 4, "kappa": 2},
 ]
-ZERO0_RUN: list[dict] = []
+# LoRA-Pro keeps full-space Adam moments per adapted matrix: ZeRO 0 only.
+ZERO0_RUN = [{"type": "lora_pro", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 8}]
 RUNS = {2: ZERO2_RUN, 0: ZERO0_RUN}
 STEPS, MIDDLE = 6, 3
 
@@ -42,7 +49,7 @@ def test_every_training_method_is_in_a_run():
 
 
 def _train(data, out, stage: int, adapters: list[dict], *extra: str):
-    entries = [{"modalities": ["image"], "alpha": 8, **entry} for entry in adapters]
+    entries = [{"modalities": ["image"], **entry} for entry in adapters]
     overrides = tiny_overrides(
         data, out, f"deepspeed.zero_stage={stage}", f"train.max_steps={STEPS}", f"train.save_every={MIDDLE}",
         "train.keep_last=3", "train.lr=5e-3", "train.warmup_steps=1", "train.weight_decay=0.1", f"adapters={yaml.safe_dump(entries, default_flow_style=True).strip()}",

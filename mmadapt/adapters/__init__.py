@@ -1,7 +1,7 @@
 """Modality-masked adapters: contract, registry, injection, and the variants."""
 
 from ..modality import disable_adapters, example_adapters, modality_ids
-from . import dora, flora_batched, flora_tucker, loldu, lora, lora_sp, melora, miss, plora  # noqa: F401  (each registers its variant)
+from . import allora, bilora, dora, flora_batched, flora_opt, flora_tucker, loldu, lora, lora_pro, lora_sp, melora, miss, periodic_lora, plora, prilora, trp  # noqa: F401  (each registers its variant)
 from .base import Adapter, AdapterSpec
 from .inject import adapter_parameters, adapters_of, inject
 from .merge import merge, unmerge

@@ -97,6 +97,13 @@ class Adapter(nn.Module, abc.ABC):
         """The delta on the selected rows only."""
 
     @classmethod
+    def layer_spec(cls, spec: AdapterSpec, name: str, names: list[str]) -> AdapterSpec:
+        """The spec of the copy placed in module ``name``, one of the ``names`` its entry
+        matched. A variant whose shape depends on the layer's place (PRILoRA's rank
+        rising with depth) overrides this; the default is the entry's spec."""
+        return spec
+
+    @classmethod
     def adapts_conv(cls) -> bool:
         return cls.forward_full is not Adapter.forward_full
 

@@ -59,7 +59,7 @@ def inject(model: nn.Module, adapters: list[dict | AdapterSpec]) -> dict[str, li
         key = _unique_key(spec, placed)
         for name in names:
             stack = _stack_of(layers[name], context)
-            adapter = variant(layers[name], spec)
+            adapter = variant(layers[name], variant.layer_spec(spec, name, names))
             adapter.train(layers[name].training)  # an adapter added to an eval() model runs without dropout
             _check_overlap(f"adapters.{index} ({key})", adapter, stack, name)
             stack[key] = adapter

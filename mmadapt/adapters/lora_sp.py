@@ -42,8 +42,8 @@ class LoRASP(LoRA):
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         a, b = self.lora_A.weight, self.lora_B.weight
-        ctx.write(a, torch.where(self.mask_A.bool(), a, self.initial_A))
-        ctx.write(b, b * self.mask_B)
+        ctx.write(a, torch.where(self.mask_A.bool(), ctx.read(a), self.initial_A))
+        ctx.write(b, ctx.read(b) * self.mask_B)
 
 
 def _half_mask(weight: torch.Tensor, keep: float) -> torch.Tensor:

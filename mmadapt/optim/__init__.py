@@ -50,3 +50,6 @@ def build_optimizer(name: str, param_groups: list[dict], model: nn.Module, args:
             f"on one rank, which ZeRO {zero_stage} partitions); got {zero_stage}"
         )
     return OPTIMIZERS[name](param_groups, model, args)
+
+
+from . import flora, lora_pro  # noqa: E402,F401  (each registers its optimizer)

@@ -7,15 +7,29 @@ the method's defining property; the DeepSpeed paths are covered end to end in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 from torch import nn
 
 from mmadapt.adapters import adapter_parameters, inject, modality_ids
 from mmadapt.hooks import StepContext, TrainingHooks, gradient_hooks
 from mmadapt.modality import IMAGE, TEXT
+from mmadapt.optim import build_optimizer
 from tests.conftest import tiny_causal_lm
 
 VOCAB = 97
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Autouse in modules that import it: tiny tensors gain nothing from a second thread, and on a
+    busy machine every parallel region waits for it (a loop of small ops ran 150x slower)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def adapted_lm(spec: dict, seed: int = 0) -> nn.Module:
@@ -42,20 +56,34 @@ def train(
     weight_decay: float = 0.0,
     grad_accum: int = 1,
     on_step=None,
+    optimizer_name: str = "adamw",
+    optimizer_args: dict | None = None,
+    first_step: int = 0,
+    optimizer_state: dict | None = None,
 ) -> list[float]:
     """Train the adapter parameters of ``model``; returns the loss of each step.
 
     ``on_step(ctx)``, when given, runs after each step's hooks (tests record state there).
+    ``optimizer_name`` picks a registered optimizer (``mmadapt.optim``), built with
+    ``optimizer_args`` as the trainer builds it under ZeRO 0. A resumed run starts at
+    ``first_step`` with the optimizer's saved ``optimizer_state`` (the model's state loaded
+    by the caller); it trains steps ``first_step .. steps - 1``.
     """
     params = adapter_parameters(model)
     matrices = [p for p in params.values() if p.dim() >= 2]
     vectors = [p for p in params.values() if p.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [
+        {"params": matrices, "lr": lr, "weight_decay": weight_decay},
+        {"params": vectors, "lr": lr, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = build_optimizer(optimizer_name, groups, model, optimizer_args or {}, zero_stage=0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     hooks = TrainingHooks(model)
     losses = []
     with gradient_hooks(hooks):
-        for step in range(steps):
+        for step in range(first_step, steps):
             ctx = hooks.context(step, optimizer)
             total = 0.0
             for micro in range(grad_accum):
@@ -70,6 +98,28 @@ def train(
                 on_step(ctx)
             losses.append(total)
     return losses
+
+
+def one_process_engine(model: nn.Module, optimizer_name: str, stage: int, bf16: bool = False, lr: float = 1e-2):
+    """A one-process DeepSpeed engine (CPU, gloo) training the adapter parameters of ``model``
+    with a registered optimizer, as the trainer configures it; returns the engine."""
+    import deepspeed
+
+    from mmadapt import distributed
+
+    distributed.init(threads=torch.get_num_threads())  # the single-process environment train.py sets
+    trained = adapter_parameters(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trained)
+    groups = [{"params": list(trained.values()), "lr": lr, "weight_decay": 0.0}]
+    config = {
+        "train_micro_batch_size_per_gpu": 1, "train_batch_size": distributed.world_size(),
+        "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9,
+    }
+    optimizer = build_optimizer(optimizer_name, groups, model, {}, zero_stage=stage)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
 
 
 def step_loss(model: nn.Module, ctx: StepContext, micro: int = 0) -> torch.Tensor:

@@ -45,6 +45,13 @@ BATTERY_SPECS = {
     "loldu": {"type": "loldu", "r": 4},
     "flora_tucker": {"type": "flora_tucker", "r": 2, "ranks": [2, 3], "scale": 2.0},
     "flora_batched": {"type": "flora_batched", "num_adapters": 3, "r": 2},
+    "bilora": {"type": "bilora", "r": 2, "alpha": 4},
+    "trp": {"type": "trp", "r": 2, "alpha": 4},
+    "periodic_lora": {"type": "periodic_lora", "r": 2, "alpha": 4, "stage_steps": 2},
+    "prilora": {"type": "prilora", "r": 2, "alpha": 4},
+    "allora": {"type": "allora", "r": 2, "eta": 2.0},
+    "lora_pro": {"type": "lora_pro", "r": 2, "alpha": 4},
+    "flora_opt": {"type": "flora_opt", "r": 2, "kappa": 2},
 }
 NAMES = sorted(ADAPTERS)  # every registered name, so a variant without a spec fails with KeyError
 INIT_ATOL = {"dora": 1e-6}  # m / ||W0|| rounds to 1 +- eps; every other variant starts exactly at the base
