@@ -181,6 +181,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(_describe(error, prefix="", model=Config)) from None
 
 
+def load_preset(name: str) -> ModelPreset:
+    """Read and validate a model preset on its own (``models/tiny.yaml``), found under the
+    repo root or as given.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or wrong.
+    """
+    candidates = [path for path in (REPO_ROOT / name, Path(name)) if path.is_file()]
+    if not candidates:
+        raise ConfigError(f"model preset {name!r} not found under {REPO_ROOT} or the current folder")
+    raw = _read_yaml(candidates[0], "model preset")
+    try:
+        return ModelPreset.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"model preset {name}: {_describe(error, prefix='', model=ModelPreset)}") from None
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config (preset inlined) so a run can be rebuilt from it."""
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

