@@ -49,6 +49,7 @@ SIZED = {  # fields beyond SHARED that size a variant like the preset's PLoRA r 
     "melora": {"n": 4},  # n divides SmolLM2's 576/192/1536 and tiny's 64/32/128 widths
     "flora_tucker": {"ranks": [16, 16], "alpha": None},  # scales by `scale`, not alpha
     "allora": {"alpha": None, "dropout": None},  # no scale (alpha = r) and no dropout, by definition
+    "flora_opt": {"alpha": None},  # the N(0, 1/r) projection sets the scale
 }
 
 

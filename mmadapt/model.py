@@ -301,7 +301,8 @@ class MultimodalLM(nn.Module):
         """Decode after a left-padded prompt; returns new tokens ``[B, <= max_new_tokens]``.
 
         Prompt image positions keep their adapter effect through the KV cache; every
-        generated token is text. Rows that finished are padded with the EOS id.
+        generated token is text. Rows that finished are padded with the EOS id and leave
+        the forwards (unless every row of this rank finished while another rank's did not).
         ``on_token``, when given, is called with each new token ``[B]`` as it is chosen
         (for streaming).
         """
@@ -310,22 +311,33 @@ class MultimodalLM(nn.Module):
         if audio_features is not None:
             cif = self.encode_speech(SpeechBatch(audio_features, audio_frames))
             speech_tokens = _per_item(cif)
-        embeds, modality, mask, _ = self.embed(input_ids, images, speech_tokens, mask)
+        embeds, modality, mask = _left_aligned(*self.embed(input_ids, images, speech_tokens, mask)[:3])
         eos = self.tokenizer.eos_token_id
         cache = DynamicCache() if use_cache else None
         logits = self._step(embeds, modality, mask, cache)
         finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        rows = torch.arange(len(input_ids), device=input_ids.device)  # (R,) the batch rows still decoded
         new_tokens = []
         for _ in range(max_new_tokens):
-            token = _choose(logits, do_sample, temperature).masked_fill(finished, eos)  # (B,)
+            token = torch.full_like(finished, eos, dtype=torch.long)  # (B,)
+            token[rows] = _choose(logits, do_sample, temperature)
+            token = token.masked_fill(finished, eos)
             new_tokens.append(token)
             if on_token is not None:
                 on_token(token)
             finished |= token == eos
             if _all_ranks_finished(finished):
                 break
+            live = ~finished[rows]  # (R,)
+            if live.any() and not live.all():
+                # A decode step costs per row on a CPU, so finished rows leave the forward and the cache.
+                rows, mask = rows[live], mask[live]
+                if use_cache:
+                    cache.batch_select_indices(live)
+                else:
+                    embeds, modality = embeds[live], modality[live]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            token_embeds = self.llm.get_input_embeddings()(token[:, None])
+            token_embeds = self.llm.get_input_embeddings()(token[rows][:, None])
             if use_cache:
                 logits = self._step(token_embeds, None, mask, cache)
             else:
@@ -343,6 +355,7 @@ class MultimodalLM(nn.Module):
                 position_ids=positions,
                 cache=cache,
                 use_cache=cache is not None,
+                logits_to_keep=1,  # only the last position chooses a token: no [B, T, V] prompt logits
             )
         return out.logits[:, -1].float()
 
@@ -406,6 +419,24 @@ def _expand_speech(
 
 def _pad(rows: list[torch.Tensor], value: float, side: str) -> torch.Tensor:
     return pad_sequence(rows, batch_first=True, padding_value=value, padding_side=side)
+
+
+def _left_aligned(
+    embeds: torch.Tensor, modality: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows rolled so every prompt ends at the last column, as decoding appends there.
+
+    A left-padded batch whose prompts all had the same token count has no padding
+    before speech expansion, which then pads it on the right (the side it cannot tell
+    from training's); rolling each row by its trailing padding makes it left-padded.
+    """
+    trailing = (mask.flip(1).cumsum(1) == 0).sum(1)  # (B,) padding columns after each prompt
+    if not bool(trailing.any()):
+        return embeds, modality, mask
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    source = (columns[None] - trailing[:, None]) % mask.shape[1]  # (B, T) row b, column t <- t - trailing[b]
+    embeds = embeds.gather(1, source[..., None].expand_as(embeds))
+    return embeds, modality.gather(1, source), mask.gather(1, source)
 
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float) -> torch.Tensor:

@@ -111,8 +111,10 @@ def assert_same_greedy(model, item: dict, expected: list[int], actual: list[int]
     if expected == actual:
         return
     step = next((i for i, (a, b) in enumerate(zip(expected, actual)) if a != b), min(len(expected), len(actual)))
-    inputs = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")([item]))
-    chosen = torch.tensor([expected[:step]], dtype=torch.long)
+    device = next(model.parameters()).device
+    batch = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")([item]))
+    inputs = {key: value.to(device) for key, value in batch.items()}
+    chosen = torch.tensor([expected[:step]], dtype=torch.long, device=device)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], chosen], dim=1)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     with torch.no_grad():

@@ -12,8 +12,10 @@ from mmadapt.errors import InputError
 from mmadapt.optim import build_optimizer
 from mmadapt.optim.flora import Flora, compress, compressed_momentum, decompress, next_seed, projection
 from tests.adapters.hook_loop import VOCAB, batch
-from tests.adapters.hook_loop import one_thread  # noqa: F401  (autouse fixture: one CPU thread in this module)
+from tests.helpers import one_thread  # noqa: F401  (fixture)
 from tests.conftest import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDE, TALL = (8, 20), (20, 8)
 

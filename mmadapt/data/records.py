@@ -66,6 +66,7 @@ def read_records(
     on_bad_record: Literal["error", "skip"] = "error",
     config_key: str = "data.train",
     max_audio_seconds: float | None = None,
+    open_ended: bool = False,
 ) -> tuple[list[Record], Counter[str]]:
     """Read and validate every record of a JSONL file; blank lines are ignored.
 
@@ -74,6 +75,8 @@ def read_records(
         on_bad_record: ``error`` raises at the first bad record, ``skip`` drops it.
         config_key: the config key that named ``path``, for the missing-file error.
         max_audio_seconds: longer audio files make a record bad.
+        open_ended: requests to answer (``mmadapt infer``): a conversation may also end
+            with a user message.
 
     Returns:
         The valid records in file order, and how many were skipped for each reason.
@@ -97,7 +100,7 @@ def read_records(
                 data = _json_object(text)
                 record_id = _record_id(data)
                 _check_unique(record_id, seen_ids)
-                records.append(_validated(data, record_id, number, source.parent, max_audio_seconds))
+                records.append(_validated(data, record_id, number, source.parent, max_audio_seconds, open_ended))
             except _Invalid as invalid:
                 bad = BadRecord(str(source), number, record_id, str(invalid))
                 if on_bad_record == "error":
@@ -133,10 +136,12 @@ def _check_unique(record_id: str, seen_ids: set[str]) -> None:
     seen_ids.add(record_id)
 
 
-def _validated(data: dict[str, Any], record_id: str, line: int, folder: Path, max_audio_seconds: float | None) -> Record:
+def _validated(
+    data: dict[str, Any], record_id: str, line: int, folder: Path, max_audio_seconds: float | None, open_ended: bool
+) -> Record:
     if "transcript" in data:
         return _speech_record(data, record_id, line, folder, max_audio_seconds)
-    messages = _messages(data.get("messages"))
+    messages = _messages(data.get("messages"), open_ended)
     files = {key: _string_list(data, key) for key in PLACEHOLDERS}
     for key, placeholder in PLACEHOLDERS.items():
         count = sum(message["content"].count(placeholder) for message in messages)
@@ -168,7 +173,7 @@ def _speech_record(data: dict[str, Any], record_id: str, line: int, folder: Path
     return Record(record_id, line, messages, [], [audio], transcript.strip())
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, open_ended: bool) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise _Invalid("invalid schema", "'messages' must be a non-empty list")
     messages = []
@@ -181,9 +186,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
             )
         messages.append({"role": message["role"], "content": message["content"]})
     # The final assistant message is what the model learns to write, or for eval the reference
-    # answer to the prompt before it.
+    # answer to the prompt before it; a request may instead end with the user turn to answer.
+    if open_ended and messages[-1]["role"] == "user":
+        return messages
     if messages[-1]["role"] != "assistant" or len(messages) < 2:
-        raise _Invalid("invalid schema", "the last message must be an assistant answer to at least one message")
+        allowed = "an assistant answer to at least one message" + (" or a user turn" if open_ended else "")
+        raise _Invalid("invalid schema", f"the last message must be {allowed}")
     return messages
 
 

@@ -1,4 +1,4 @@
-"""Using a trained run: chat about images and speech (``chat.py``)."""
+"""Using a trained run: chat (``chat.py``), batch inference (``batch.py``) and what they share (``prompts.py``)."""
 
 from .chat import ChatSession
 

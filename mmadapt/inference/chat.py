@@ -18,15 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from mmadapt.build import load_trained
-from mmadapt.config import load_config
-from mmadapt.data.audio import load_audio
-from mmadapt.data.collate import Collator
 from mmadapt.data.tokenize import encode_prompt
 from mmadapt.errors import InputError
-from mmadapt.evaluate import generation_inputs
+from mmadapt.inference.prompts import answer_tokens, decode, load_audio_features, load_image, load_run, prompt_item
 from mmadapt.model import MultimodalLM
 
 PLACEHOLDERS = ("<image>", "<speech>")
@@ -60,10 +55,8 @@ class ChatSession:
         Raises:
             InputError: the folder is not a finished run, or its base weights changed.
         """
-        model = load_trained(output_dir)
-        cfg = load_config(Path(output_dir) / "config.yaml")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device), cfg.data.system_prompt, name=str(output_dir))
+        model, cfg = load_run(output_dir, device)
+        return cls(model, cfg.data.system_prompt, name=str(output_dir))
 
     def ask(
         self,
@@ -94,14 +87,14 @@ class ChatSession:
             InputError: no input, a placeholder typed in ``text``, a missing or unreadable
                 file, or a file for a modality the model has no encoder for.
         """
-        turn_images = [self._load_image(Path(path)) for path in images]
-        turn_audios = [self._load_audio(Path(path)) for path in audios]
+        turn_images = [load_image(self.model, path, self.name) for path in images]
+        turn_audios = [load_audio_features(self.model, path, self.name) for path in audios]
         user = {"role": "user", "content": _user_content(text, len(turn_images), len(turn_audios))}
         messages = [*self.messages, user]
         all_images, all_audios = self.images + turn_images, self.audios + turn_audios
         settings = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature}
         tokens = self._generate(messages, all_images, all_audios, on_text, settings)
-        answer = _decode(self.model.tokenizer, tokens)
+        answer = decode(self.model.tokenizer, tokens)
         # Committed only now, so a turn that failed leaves the conversation as it was.
         self.messages = [*messages, {"role": "assistant", "content": answer}]
         self.images, self.audios = all_images, all_audios
@@ -112,15 +105,6 @@ class ChatSession:
         tokenizer = self.model.tokenizer
         image_tokens = self.model.encoders["image"].num_tokens if "image" in self.model.encoders else 0
         prompt = encode_prompt(tokenizer, messages, image_tokens, self.system_prompt)
-        item = {
-            "id": "chat",
-            "input_ids": torch.tensor(prompt),
-            "images": torch.stack(images) if images else torch.zeros(0, 3, 0, 0),
-            "audios": audios,
-        }
-        batch = Collator(pad_token_id=0)([item])  # one row: never padded
-        device = next(self.model.parameters()).device
-        inputs = {key: value.to(device) for key, value in generation_inputs(batch).items()}
         eos = tokenizer.eos_token_id
         stream = TextStream(tokenizer, on_text) if on_text is not None else None
 
@@ -128,29 +112,11 @@ class ChatSession:
             if int(token[0]) != eos:
                 stream.push(int(token[0]))
 
-        new = self.model.generate(**inputs, **settings, on_token=on_token if stream is not None else None)
+        item = prompt_item("chat", prompt, images, audios)
+        [tokens] = answer_tokens(self.model, [item], **settings, on_token=on_token if stream is not None else None)
         if stream is not None:
             stream.finish()
-        return [token for token in new[0].tolist() if token != eos]
-
-    def _load_image(self, path: Path) -> torch.Tensor:
-        encoder = self._encoder("image", path)
-        if not path.is_file():
-            raise InputError(f"image {path}: no such file")
-        try:
-            with Image.open(path) as image:
-                return encoder.preprocess(image)
-        except (UnidentifiedImageError, OSError) as error:
-            raise InputError(f"image {path}: not a readable image ({error})") from None
-
-    def _load_audio(self, path: Path) -> torch.Tensor:
-        encoder = self._encoder("speech", path)
-        return encoder.features(load_audio(path))
-
-    def _encoder(self, kind: str, path: Path):
-        if kind not in self.model.encoders:
-            raise InputError(f"{self.name} has no {kind} encoder, so it cannot take {path}")
-        return self.model.encoders[kind]
+        return tokens
 
 
 class TextStream:
@@ -173,13 +139,13 @@ class TextStream:
     def push(self, token: int) -> None:
         """Add one token id; pass on the text it completes, if any."""
         self.tokens.append(token)
-        text = _decode(self.tokenizer, self.tokens)
+        text = decode(self.tokenizer, self.tokens)
         if not text.endswith("\ufffd"):
             self._show(text)
 
     def finish(self) -> None:
         """Pass on whatever is still held back."""
-        self._show(_decode(self.tokenizer, self.tokens))
+        self._show(decode(self.tokenizer, self.tokens))
 
     def _show(self, text: str) -> None:
         piece = text[len(self.shown) :]
@@ -195,7 +161,3 @@ def _user_content(text: str | None, images: int, audios: int) -> str:
     if not content and not text:
         raise InputError("nothing to answer: give a text, an image or an audio file")
     return "\n".join(part for part in (content, text) if part)
-
-
-def _decode(tokenizer, tokens: list[int]) -> str:
-    return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

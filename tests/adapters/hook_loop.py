@@ -7,9 +7,7 @@ the method's defining property; the DeepSpeed paths are covered end to end in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
-import pytest
 import torch
 from torch import nn
 
@@ -20,16 +18,6 @@ from mmadapt.optim import build_optimizer
 from tests.conftest import tiny_causal_lm
 
 VOCAB = 97
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Autouse in modules that import it: tiny tensors gain nothing from a second thread, and on a
-    busy machine every parallel region waits for it (a loop of small ops ran 150x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def adapted_lm(spec: dict, seed: int = 0) -> nn.Module:

@@ -32,6 +32,7 @@ from mmadapt.adapters import (
 from mmadapt.errors import InputError
 from mmadapt.modality import IMAGE, TEXT
 from tests.conftest import tiny_causal_lm
+from tests.helpers import one_thread  # noqa: F401  (fixture)
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATTERY_SPECS = {
@@ -61,15 +62,7 @@ TOKENS = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0)
 IMAGE_IDS = torch.full((2, 8), TEXT)
 IMAGE_IDS[:, 2:5] = IMAGE  # text before and after an image block
 EXAMPLE_INDEX = torch.tensor([2, 0])  # per-example variants: example b uses adapter EXAMPLE_INDEX[b]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from a second thread, and on a busy machine every parallel region waits for it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec(name: str, modalities: tuple[str, ...] = ("image",), targets: list[str] = ALL_PROJ) -> dict:

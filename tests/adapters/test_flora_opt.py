@@ -8,8 +8,10 @@ from mmadapt.adapters import adapters_of, merge, modality_ids, parse_spec
 from mmadapt.adapters.flora_opt import FloraOpt
 from mmadapt.hooks import StepContext
 from tests.adapters.hook_loop import adapted_lm, batch, one_process_engine, step_loss, text_logits, train
-from tests.adapters.hook_loop import one_thread  # noqa: F401  (autouse fixture: one CPU thread in this module)
+from tests.helpers import one_thread  # noqa: F401  (fixture)
 from tests.conftest import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = {"type": "flora_opt", "r": 3, "targets": ["q_proj", "down_proj"]}
 

@@ -1,0 +1,154 @@
+"""How often ``mmadapt compose`` illustrates a slot with a picture of what its caption names.
+
+The candidate folder holds 50 held-out pictures of the shapes set (``data/shapes/test.jsonl``,
+records ``--first`` .. ``--first``+49), whose content is known from their reference captions.
+Composition runs with a trained shapes model (default ``runs/xcomposer``, the main job) on a
+few instructions, with and without an outline. Each slot's caption is parsed for
+``(colour, shape)`` pairs (``mmadapt.metrics.parse_shapes``; a shape without a colour word is
+ignored), and the slot matches when the chosen picture holds every pair the caption names.
+Slots whose caption names no coloured shape cannot be scored and are counted apart.
+
+Also reported: colour-only and shape-only matches, and chance, the share of the pictures still
+free at that slot that would have matched (what a random pick scores on average).
+
+Run:  .venv/bin/python benchmarks/compose_shapes.py [--checkpoint runs/xcomposer] [--out runs/compose-shapes]
+Writes OUT/candidates/, OUT/task-K/ (each composition's files) and OUT/result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ROOT / "data" / "shapes"
+CANDIDATES = 50
+ARTICLE = "Write a short article for children about coloured shapes."
+TASKS = [
+    {
+        "instruction": ARTICLE,
+        "outline": ["The red circle [image]", "The blue square [image]", "The yellow triangle [image]"],
+        "num_images": 3,
+        "max_new_tokens": 64,  # per paragraph
+    },
+    {
+        "instruction": ARTICLE,
+        "outline": ["The green circle [image]", "The yellow square [image]", "The blue triangle [image]"],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": ARTICLE,
+        "outline": ["The red square [image]", "The green triangle [image]", "The blue circle [image]"],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a yellow circle and one about a red "
+        "triangle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,  # the whole article
+    },
+]
+
+
+def candidate_folder(folder: Path, first: int) -> dict[str, str]:
+    """Copy the held-out pictures into ``folder``; their reference captions by file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (SHAPES / "test.jsonl").read_text().splitlines()[first : first + CANDIDATES]
+    captions = {}
+    for record in map(json.loads, lines):
+        source = SHAPES / record["images"][0]
+        shutil.copy(source, folder / source.name)
+        captions[source.name] = record["messages"][1]["content"]
+    return captions
+
+
+def score_slot(slot: dict, captions: dict[str, str]) -> dict:
+    """The slot's named pairs, the chosen picture's content, and whether they match."""
+    from mmadapt.metrics import parse_shapes
+
+    named = {pair for pair in parse_shapes(slot["caption"]) if pair[0] != "?"}
+
+    def holds(name: str, part=lambda pair: pair) -> bool:
+        content = {part(pair) for pair in parse_shapes(captions[name])}
+        return bool(named) and {part(pair) for pair in named} <= content
+
+    free = list(slot["scores"])  # every picture still free at this slot
+    return {
+        "caption": slot["caption"],
+        "named": sorted(named),
+        "image": slot["image"],
+        "content": captions[slot["image"]],
+        "scorable": bool(named),
+        "match": holds(slot["image"]),
+        "colour_match": holds(slot["image"], lambda pair: pair[0]),
+        "shape_match": holds(slot["image"], lambda pair: pair[1]),
+        "chance": sum(holds(name) for name in free) / len(free),
+    }
+
+
+def summary(slots: list[dict]) -> dict:
+    scorable = [slot for slot in slots if slot["scorable"]]
+
+    def rate(key: str) -> float | None:
+        return sum(slot[key] for slot in scorable) / len(scorable) if scorable else None
+
+    return {
+        "slots": len(slots),
+        "scorable": len(scorable),
+        "match_rate": rate("match"),
+        "colour_match_rate": rate("colour_match"),
+        "shape_match_rate": rate("shape_match"),
+        "chance_rate": rate("chance"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / "xcomposer")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compose-shapes")
+    parser.add_argument("--first", type=int, default=0, help="first test record of the candidate pictures")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from mmadapt.inference.chat import ChatSession
+    from mmadapt.inference.compose import compose
+
+    start = time.perf_counter()
+    captions = candidate_folder(args.out / "candidates", args.first)
+    session = ChatSession.from_run(args.checkpoint)
+    slots, tasks = [], []
+    for k, task in enumerate(TASKS):
+        print(f"\n== task {k}: {task['instruction']}", flush=True)
+        out = compose(
+            session.model, task["instruction"], args.out / "candidates", args.out / f"task-{k}",
+            num_images=task["num_images"], outline=task["outline"], seed=args.seed,
+            max_new_tokens=task["max_new_tokens"], system_prompt=session.system_prompt,
+            on_text=lambda piece: print(piece, end="", flush=True), progress=True,
+        )
+        decisions = json.loads((out / "decisions.json").read_text())
+        scored = [score_slot(slot, captions) for slot in decisions["slots"]]
+        for slot in scored:
+            print(f"\n  {slot['caption']!r} -> {slot['image']} ({slot['content']}) match={slot['match']}")
+        slots += scored
+        tasks.append({**task, "placement": decisions["placement"], "slots": scored})
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "candidates": f"data/shapes/test.jsonl records {args.first}-{args.first + CANDIDATES - 1}",
+        "seed": args.seed,
+        **summary(slots),
+        "seconds": round(time.perf_counter() - start, 1),
+        "tasks": tasks,
+    }
+    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({key: value for key, value in result.items() if key != "tasks"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Candidate images for an article and the rankers that score them against a caption.
+
+A ranker scores a batch of images for one caption, higher is better::
+
+    ranker = LikelihoodRanker(model)                  # any trained mmadapt checkpoint
+    ranker = ClipRanker("ViT-B-32", "clip.safetensors")  # open_clip, local weights only
+    scores = ranker.scores("A red circle.", [image, ...])
+
+:class:`LikelihoodRanker` asks the model itself: the score of an image is
+``sum log p(caption tokens | image prompt)`` under the chat template, i.e. how likely
+the model is to answer the caption prompt ("Describe the picture.") about that image
+with exactly the caption. Every candidate shares the same token ids (only the image
+differs), so a batch needs no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmadapt.data.collate import Collator
+from mmadapt.data.tokenize import encode_conversation
+from mmadapt.errors import InputError
+from mmadapt.evaluate import model_inputs
+from mmadapt.losses import predicting_positions
+from mmadapt.model import MultimodalLM
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+CAPTION_PROMPT = "Describe the picture."
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One image of the candidate folder, decoded once and kept in memory: ``name`` is its file name."""
+
+    path: Path
+    image: Image.Image
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_image(path: Path, what: str = "image") -> Image.Image:
+    """Decode an image file to RGB.
+
+    Raises:
+        InputError: ``path`` is missing or not a readable image.
+    """
+    if not path.is_file():
+        raise InputError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{what} {path}: not a readable image ({error})") from None
+
+
+def load_candidates(folder: str | Path) -> list[Candidate]:
+    """Every image file (by suffix, hidden files skipped) of ``folder``, sorted by name.
+
+    Raises:
+        InputError: the folder is missing, holds no image file, or one of them is unreadable.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"candidate image folder {folder}: no such folder")
+    paths = sorted(
+        path for path in folder.iterdir()
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+    if not paths:
+        raise InputError(f"candidate image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [Candidate(path, read_image(path, "candidate image")) for path in paths]
+
+
+class Ranker(Protocol):
+    """Scores images for a caption; higher means a better illustration."""
+
+    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
+        """One score per image, computed as one batch."""
+        ...
+
+    def describe(self) -> dict:
+        """What ranks, for the decision record."""
+        ...
+
+
+class LikelihoodRanker:
+    """The model's own log-likelihood of the caption as its answer about each image.
+
+    Args:
+        model: a trained model with an image encoder (eval mode).
+        system_prompt: the run's ``data.system_prompt``, as in training.
+        prompt: the user text after the image, as in the training data.
+        name: what error messages call the model, e.g. its run folder.
+
+    Raises:
+        InputError: the model has no image encoder.
+    """
+
+    def __init__(
+        self, model: MultimodalLM, system_prompt: str | None = None, prompt: str = CAPTION_PROMPT,
+        name: str = "the model",
+    ) -> None:
+        if "image" not in model.encoders:
+            raise InputError(f"{name} has no image encoder, so it cannot rank images; use an open_clip ranker (--clip)")
+        self.model = model
+        self.system_prompt = system_prompt
+        self.prompt = prompt
+
+    def describe(self) -> dict:
+        return {"type": "likelihood", "prompt": self.prompt}
+
+    @torch.no_grad()
+    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
+        encoder = self.model.encoders["image"]
+        messages = [
+            {"role": "user", "content": f"<image>\n{self.prompt}"},
+            {"role": "assistant", "content": caption},
+        ]
+        encoded = encode_conversation(self.model.tokenizer, messages, encoder.num_tokens, self.system_prompt)
+        items = [
+            {
+                "id": str(i),
+                "input_ids": torch.tensor(encoded["input_ids"]),
+                "labels": torch.tensor(encoded["labels"]),
+                "images": encoder.preprocess(image)[None],  # (1, 3, S, S)
+            }
+            for i, image in enumerate(images)
+        ]
+        batch = Collator(self.model.tokenizer.pad_token_id)(items)  # equal lengths: no padding
+        device = next(self.model.parameters()).device
+        inputs = {key: value.to(device) for key, value in model_inputs(batch).items()}
+        logits = self.model(**inputs).logits  # (B, T, V)
+        return caption_log_likelihood(logits, inputs["labels"]).tolist()
+
+
+def caption_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum log p(label)`` per row over the labelled positions: ``[B, T, V], [B, T] -> [B]``."""
+    keep = predicting_positions(labels)  # (B, T): position t predicts labelled token t+1
+    log_probs = F.log_softmax(logits[keep].float(), dim=-1)  # (N, V)
+    targets = labels[:, 1:][keep[:, :-1]]  # (N,)
+    picked = log_probs.gather(1, targets[:, None])[:, 0]  # (N,)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(labels), device=logits.device).index_add(0, rows, picked)
+
+
+class ClipRanker:
+    """Cosine similarity of open_clip image and caption embeddings.
+
+    Args:
+        model_name: an open_clip architecture name (``open_clip.list_models()``).
+        weights: a local checkpoint file of that architecture; nothing is downloaded.
+        device: where the CLIP model runs.
+
+    Raises:
+        InputError: an unknown name, a missing weights file, or weights that do not fit.
+    """
+
+    def __init__(self, model_name: str, weights: str | Path, device: str | torch.device = "cpu") -> None:
+        import open_clip
+
+        if model_name not in open_clip.list_models():
+            raise InputError(f"--clip {model_name!r} is not an open_clip model name (see open_clip.list_models())")
+        if not Path(weights).is_file():
+            raise InputError(f"--clip-weights {weights}: no such file (only local weights are used)")
+        try:
+            # An absolute path is never taken for one of open_clip's download tags.
+            model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=str(Path(weights).resolve()), device=device
+            )
+        except (RuntimeError, KeyError, ValueError, OSError) as error:
+            raise InputError(f"--clip-weights {weights} do not load into open_clip {model_name}: {error}") from None
+        self.model = model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.model_name, self.weights, self.device = model_name, str(weights), device
+
+    def describe(self) -> dict:
+        return {"type": "open_clip", "model": self.model_name, "weights": self.weights}
+
+    @torch.no_grad()
+    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, S, S)
+        image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)  # (B, E)
+        text_embeds = F.normalize(self.model.encode_text(self.tokenizer([caption]).to(self.device)), dim=-1)  # (1, E)
+        return (image_embeds @ text_embeds.T)[:, 0].tolist()

@@ -1,0 +1,347 @@
+"""``mmadapt compose`` and ``compose()`` on a tiny image run trained once for the module.
+
+A tiny random model writes gibberish, so these tests check the pipeline's structure:
+slots, outputs, determinism, no image reuse, recorded scores, and that the likelihood
+ranker's choice is the image that maximises the caption log-likelihood computed directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mmadapt
+from mmadapt.cli import main
+from mmadapt.data.tokenize import IGNORE_INDEX, encode_conversation
+from mmadapt.errors import InputError
+from mmadapt.inference import article
+from mmadapt.inference.chat import ChatSession
+from mmadapt.inference.compose import (
+    OutlineLine,
+    choose_positions,
+    compose,
+    even_positions,
+    parse_outline,
+    parse_positions,
+)
+from mmadapt.inference.rank import ClipRanker, read_image
+from tests.helpers import REPO, SHAPES, run_train, shapes_subset, tiny_overrides
+
+# An untied output head makes the text depend on the prompt (see tests/test_chat.py).
+UNTIED = "model.llm.config.tie_word_embeddings=false"
+OUTLINE = "- Red things\n- Blue things [image]\n\n- Green things [image]\n"
+CANDIDATES = [f"test-{i:05d}.png" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("compose")
+    data = shapes_subset(folder / "data", n_train=8, n_test=4)
+    out = folder / "run"
+    overrides = tiny_overrides(data, out, UNTIED, "train.max_steps=1", "eval.max_new_tokens=2")
+    result = run_train(overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def session(run) -> ChatSession:
+    return ChatSession.from_run(run)
+
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("candidates")
+    for name in CANDIDATES:
+        shutil.copy(SHAPES / "images" / name, folder)
+    (folder / "notes.txt").write_text("not an image, ignored")
+    return folder
+
+
+def _compose(session: ChatSession, candidates: Path, out: Path, **settings) -> dict:
+    settings = {"temperature": 1.0, "max_new_tokens": 12, **settings}
+    compose(session.model, "Write about shapes.", candidates, out, system_prompt=session.system_prompt, **settings)
+    return json.loads((out / "decisions.json").read_text())
+
+
+def test_outline_marks_place_the_images_and_every_output_is_written(session, candidates, tmp_path):
+    out = tmp_path / "article"
+    decisions = _compose(session, candidates, out, num_images=2, outline=OUTLINE)
+    paragraphs, slots = decisions["paragraphs"], decisions["slots"]
+    assert len(paragraphs) == 3 and decisions["placement"]["method"] == "outline"
+    assert [slot["after_paragraph"] for slot in slots] == [2, 3]
+    blocks = (out / "article.md").read_text().rstrip("\n").split("\n\n")
+    assert [blocks[0], blocks[1], blocks[3]] == paragraphs
+    for block, slot in zip((blocks[2], blocks[4]), slots):
+        assert block.startswith("![") and block.endswith(f"](images/{slot['image']})")
+        assert (out / "images" / slot["image"]).read_bytes() == (candidates / slot["image"]).read_bytes()
+    page = (out / "article.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    prefix = "data:image/png;base64,"
+    assert all(source.startswith(prefix) for source in sources) and len(sources) == 2
+    embedded = [base64.b64decode(source[len(prefix) :]) for source in sources]
+    assert embedded == [(candidates / slot["image"]).read_bytes() for slot in slots]
+    assert page.count("<p>") == 3 and page.count("<figcaption>") == 2
+    assert sorted(path.name for path in out.iterdir()) == ["article.html", "article.md", "decisions.json", "images"]
+
+
+def test_same_seed_same_article_another_seed_another_and_the_callers_rng_untouched(session, candidates, tmp_path):
+    rng_state = torch.get_rng_state()
+    first = _compose(session, candidates, tmp_path / "a", num_images=1, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    again = _compose(session, candidates, tmp_path / "b", num_images=1, seed=3)
+    other = _compose(session, candidates, tmp_path / "c", num_images=1, seed=4)
+    assert again == first
+    for name in ("article.md", "article.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert other["paragraphs"] != first["paragraphs"]
+
+
+def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path) -> float:
+    """- (mean caption cross-entropy) x (labelled tokens), one image at a time through the model's loss."""
+    model = session.model
+    encoder = model.encoders["image"]
+    messages = [
+        {"role": "user", "content": "<image>\nDescribe the picture."}, {"role": "assistant", "content": caption},
+    ]
+    encoded = encode_conversation(model.tokenizer, messages, encoder.num_tokens, session.system_prompt)
+    labels = torch.tensor([encoded["labels"]])
+    pixels = encoder.preprocess(read_image(image_path))[None]
+    with torch.no_grad():
+        loss = model(torch.tensor([encoded["input_ids"]]), images=pixels, labels=labels).loss
+    return -float(loss) * int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_log_likelihood(
+    session, candidates, tmp_path
+):
+    decisions = _compose(session, candidates, tmp_path / "article", num_images=2, outline=OUTLINE, batch_size=2)
+    used: set[str] = set()
+    for slot in decisions["slots"]:
+        free = [name for name in CANDIDATES if name not in used]
+        direct = {name: _direct_log_likelihood(session, slot["caption"], candidates / name) for name in free}
+        assert len({round(value, 3) for value in direct.values()}) > 1  # the images do change the score
+        assert slot["scores"].keys() == direct.keys()
+        for name in free:
+            assert slot["scores"][name] == pytest.approx(direct[name], rel=1e-5, abs=1e-3)
+        assert slot["image"] == max(direct, key=direct.get) and slot["score"] == max(slot["scores"].values())
+        used.add(slot["image"])
+
+
+def test_reference_images_join_the_instruction(session, candidates, tmp_path):
+    reference = candidates / CANDIDATES[0]
+    out = tmp_path / "with"
+    settings = {"num_images": 1, "temperature": 0.0, "max_new_tokens": 8, "system_prompt": session.system_prompt}
+    assert compose(session.model, "Write about it.", candidates, out, references=[reference], **settings) == out
+    compose(session.model, "Write about it.", candidates, tmp_path / "without", **settings)
+    with_reference, without = (
+        json.loads((tmp_path / name / "decisions.json").read_text()) for name in ("with", "without")
+    )
+    assert with_reference["references"] == [str(reference)]
+    assert with_reference["paragraphs"] != without["paragraphs"]  # greedy text depends on the prompt's image
+
+
+def test_as_many_images_as_candidates_uses_each_once(session, candidates, tmp_path):
+    decisions = _compose(session, candidates, tmp_path / "article", num_images=len(CANDIDATES))
+    chosen = [slot["image"] for slot in decisions["slots"]]
+    assert sorted(chosen) == CANDIDATES
+    for k, slot in enumerate(decisions["slots"]):
+        assert set(slot["scores"]) == set(CANDIDATES) - set(chosen[:k])
+
+
+def test_auto_follows_the_models_answer_or_spreads_the_images_evenly(session, candidates, tmp_path):
+    decisions = _compose(session, candidates, tmp_path / "article", num_images="auto", max_new_tokens=48)
+    paragraphs, placement = decisions["paragraphs"], decisions["placement"]
+    positions = [slot["after_paragraph"] - 1 for slot in decisions["slots"]]
+    parsed = parse_positions(placement["answer"], len(paragraphs))
+    if placement["method"] == "model":
+        assert positions == sorted(parsed[: len(CANDIDATES)])
+    else:
+        assert placement["method"] == "even" and not parsed
+        assert positions == even_positions(len(paragraphs), min(len(CANDIDATES), -(-len(paragraphs) // 2)))
+
+
+@pytest.mark.parametrize(
+    "answer, wanted, expected, method",
+    [
+        ("Paragraphs 4 and 2, then 4 again and 9.", None, [1, 3], "model"),
+        ("4, 2", 2, [1, 3], "model"),
+        ("Only 3.", 2, [1, 3], "even"),  # one number where two were asked for
+        ("None of them.", None, [1, 3], "even"),  # ceil(5 / 2) = 3 images, capped at 2 candidates
+        ("1, 2, 3, 4, 5", None, [0, 1], "model"),  # capped at 2 candidates
+    ],
+)
+def test_slot_choice_parses_the_answer_and_falls_back_to_the_even_rule(answer, wanted, expected, method):
+    positions, placement = choose_positions(["p"] * 5, [], wanted, 2, ask=lambda paragraphs, wanted: answer)
+    assert positions == expected and placement == {"method": method, "answer": answer}
+
+
+def test_even_positions_spread_images_and_repeat_only_when_they_outnumber_paragraphs():
+    assert even_positions(5, 2) == [1, 3]
+    assert even_positions(3, 3) == [0, 1, 2]
+    assert even_positions(2, 3) == [0, 1, 1]
+
+
+def test_outline_lines_drop_bullets_and_keep_image_marks():
+    assert parse_outline("1. Intro\n\n* Body [IMAGE]\n- End [image]") == [
+        OutlineLine("Intro", False), OutlineLine("Body", True), OutlineLine("End", True),
+    ]
+    with pytest.raises(InputError, match="no topics"):
+        parse_outline(["", "  "])
+    with pytest.raises(InputError, match="needs a topic"):
+        parse_outline(["- [image]"])
+
+
+def test_command_streams_the_article_and_writes_the_outputs(run, candidates, tmp_path, capsys):
+    outline = tmp_path / "outline.txt"
+    outline.write_text(OUTLINE)
+    out = tmp_path / "article"
+    args = [
+        "compose", "--checkpoint", str(run), "--instruction", "Write about shapes.", "--images", str(candidates),
+        "--out", str(out), "--outline", str(outline), "--max-new-tokens", "8", "--temperature", "1", "--seed", "5",
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    decisions = json.loads((out / "decisions.json").read_text())
+    assert captured.out.split() == " ".join(decisions["paragraphs"]).split()
+    assert "ranking images" in captured.err and "article.html" in captured.err
+    assert decisions["num_images"] == "auto" and len(decisions["slots"]) == 2 and decisions["seed"] == 5
+
+
+def _folder_with(tmp: Path, *files: tuple[str, bytes]) -> Path:
+    folder = tmp / "pictures"
+    folder.mkdir()
+    for name, data in files:
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _outline_file(tmp: Path) -> Path:
+    (tmp / "outline.txt").write_text(OUTLINE)
+    return tmp / "outline.txt"
+
+
+def _incomplete_run(run: Path, tmp: Path) -> Path:
+    (tmp / "half").mkdir()
+    shutil.copy(run / "config.yaml", tmp / "half")
+    return tmp / "half"
+
+
+def _run_of_another_base(run: Path, tmp: Path) -> Path:
+    shutil.copytree(run, tmp / "other", ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    meta_path = tmp / "other" / "adapter" / "adapter_config.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_fingerprint": "0" * 16}))
+    return tmp / "other"
+
+
+@pytest.mark.parametrize(
+    "make_args, named",
+    [
+        (lambda run, c, tmp: ["--reference", str(tmp / "none.png")], "none.png"),
+        (lambda run, c, tmp: ["--images", str(_folder_with(tmp, ("broken.png", b"not a png")))], "broken.png"),
+        (lambda run, c, tmp: ["--images", str(_folder_with(tmp, ("a.txt", b"text")))], "holds no images"),
+        (lambda run, c, tmp: ["--images", str(tmp / "nowhere")], "nowhere: no such folder"),
+        (lambda run, c, tmp: ["--num-images", "9"], "9 images asked for but"),
+        (lambda run, c, tmp: ["--num-images", "two"], "'two'"),
+        (lambda run, c, tmp: ["--num-images", "3", "--outline", str(_outline_file(tmp))], "marks 2 paragraphs"),
+        (lambda run, c, tmp: ["--outline", str(tmp / "none.txt")], "--outline"),
+        (lambda run, c, tmp: ["--checkpoint", str(_incomplete_run(run, tmp))], "half"),
+        (lambda run, c, tmp: ["--checkpoint", str(_run_of_another_base(run, tmp))], "other"),
+        (lambda run, c, tmp: ["--clip", "ViT-B-32"], "--clip-weights"),
+        (lambda run, c, tmp: ["--clip", "ViT-B-32", "--clip-weights", str(tmp / "w.pt")], "w.pt: no such file"),
+        (lambda run, c, tmp: ["--clip", "no-such-clip", "--clip-weights", str(tmp)], "no-such-clip"),
+        (lambda run, c, tmp: ["--max-new-tokens", "0"], "max_new_tokens"),
+        (lambda run, c, tmp: ["--instruction", " "], "instruction is empty"),
+    ],
+    ids=[
+        "missing-reference", "unreadable-candidate", "empty-folder", "missing-folder", "too-many-images",
+        "bad-count", "outline-mismatch", "missing-outline", "incomplete-run", "other-base", "clip-no-weights",
+        "clip-missing-weights", "clip-unknown-model", "no-tokens", "empty-instruction",
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(run, candidates, tmp_path, capsys, make_args, named):
+    out = tmp_path / "article"
+    base = {"--checkpoint": str(run), "--instruction": "Write.", "--images": str(candidates), "--out": str(out)}
+    extra = make_args(run, candidates, tmp_path)
+    for key in [key for key in base if key in extra]:
+        del base[key]
+    args = [item for pair in base.items() for item in pair]
+    assert main(["compose", *args, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and named in captured.err
+    assert not out.exists()
+
+
+def test_a_model_without_an_image_encoder_cannot_rank(candidates, tmp_path):
+    cfg = mmadapt.load_config(REPO / "configs" / "blsp_kd.yaml", ["model=models/tiny.yaml", "model.vision=null"])
+    model = mmadapt.build_model(cfg).eval()
+    with pytest.raises(InputError, match="no image encoder"):
+        compose(model, "Write.", candidates, tmp_path / "article", num_images=1)
+    assert not (tmp_path / "article").exists()
+
+
+def test_a_failed_write_keeps_the_previous_page_whole(session, candidates, tmp_path, monkeypatch):
+    out = tmp_path / "article"
+    _compose(session, candidates, out, num_images=1, seed=1)
+    previous = (out / "article.html").read_bytes()
+    replace = article.os.replace
+
+    def crash_on_html(source, target):
+        if Path(target).name == "article.html":
+            raise OSError("disk full")
+        replace(source, target)
+
+    monkeypatch.setattr(article.os, "replace", crash_on_html)
+    with pytest.raises(OSError, match="disk full"):
+        _compose(session, candidates, out, num_images=1, seed=2)
+    assert (out / "article.html").read_bytes() == previous
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory) -> Path:
+    """Random weights of a tiny open_clip architecture registered as ``mmadapt-test-clip``
+    (and a wider one, ``mmadapt-test-clip-wide``, they do not fit)."""
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "mmadapt-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    (folder / "mmadapt-test-clip-wide.json").write_text(json.dumps({**TINY_CLIP, "embed_dim": 24}))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    save_file(open_clip.create_model("mmadapt-test-clip").state_dict(), folder / "clip.safetensors")
+    return folder / "clip.safetensors"
+
+
+def test_clip_ranker_picks_the_highest_cosine_similarity(session, candidates, clip_weights, tmp_path):
+    ranker = ClipRanker("mmadapt-test-clip", clip_weights)
+    decisions = _compose(session, candidates, tmp_path / "article", num_images=1, ranker=ranker)
+    slot = decisions["slots"][0]
+    clip, _, preprocess = open_clip.create_model_and_transforms("mmadapt-test-clip", pretrained=str(clip_weights))
+    pixels = torch.stack([preprocess(read_image(candidates / name)) for name in CANDIDATES])
+    text = open_clip.get_tokenizer("mmadapt-test-clip")([slot["caption"]])
+    with torch.no_grad():
+        image_features, text_features, _ = clip.eval()(pixels, text)  # both L2-normalised
+    cosine = dict(zip(CANDIDATES, (image_features @ text_features.T)[:, 0].tolist()))
+    assert slot["scores"] == pytest.approx(cosine, abs=1e-5)
+    assert slot["image"] == max(cosine, key=cosine.get)
+    assert decisions["ranker"] == {"type": "open_clip", "model": "mmadapt-test-clip", "weights": str(clip_weights)}
+
+
+def test_clip_weights_of_another_architecture_are_refused(clip_weights):
+    with pytest.raises(InputError, match="do not load into open_clip mmadapt-test-clip-wide"):
+        ClipRanker("mmadapt-test-clip-wide", clip_weights)

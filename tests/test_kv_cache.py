@@ -1,0 +1,106 @@
+"""``MultimodalLM.generate`` with the KV cache equals generation without it (``use_cache=False``).
+
+Greedy, fp32, on the tiny preset with non-zero adapters: PLoRA's B starts at zero, so it
+is randomised here, and the prompts' image and speech positions run through adapter
+deltas that the cache must keep while every generated token stays text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmadapt
+from mmadapt.adapters import adapter_parameters
+from mmadapt.data.collate import Collator
+from mmadapt.data.tokenize import encode_prompt
+from mmadapt.evaluate import generation_inputs
+from mmadapt.inference.prompts import load_image, prompt_item
+from tests.helpers import REPO, SHAPES, assert_same_greedy, one_thread  # noqa: F401 (fixture)
+
+# An untied output head makes greedy answers depend on the input (see tests/test_chat.py).
+UNTIED = "model.llm.config.tie_word_embeddings=false"
+MAX_NEW_TOKENS = 16
+PROMPTS = {
+    "image": ("<image>\nDescribe the picture.", 1, 0),
+    "speech": ("<speech>", 0, 1),
+    "text": ("Name three colours.", 0, 0),
+    "image+speech": ("<image>\n<speech>\nAnswer the question about the picture.", 1, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def model(one_thread) -> mmadapt.MultimodalLM:
+    cfg = mmadapt.load_config(REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", UNTIED])
+    model = mmadapt.build_model(cfg).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model.llm).items():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts(model) -> dict[str, dict]:
+    image = load_image(model, SHAPES / "images" / "test-00000.png")
+    waveform = torch.from_numpy((0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32))
+    features = model.encoders["speech"].features(waveform)
+    image_tokens = model.encoders["image"].num_tokens
+    items = {}
+    for kind, (content, images, audios) in PROMPTS.items():
+        ids = encode_prompt(model.tokenizer, [{"role": "user", "content": content}], image_tokens, "")
+        items[kind] = prompt_item(kind, ids, [image] * images, [features] * audios)
+    return items
+
+
+def _greedy(model, items: list[dict], use_cache: bool = True) -> list[list[int]]:
+    inputs = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")(items))
+    return model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, use_cache=use_cache).tolist()
+
+
+@pytest.mark.parametrize("kind", list(PROMPTS))
+def test_cached_generation_equals_uncached(model, prompts, kind):
+    [cached] = _greedy(model, [prompts[kind]])
+    [uncached] = _greedy(model, [prompts[kind]], use_cache=False)
+    assert len(uncached) == MAX_NEW_TOKENS and len(set(uncached)) > 1  # a real answer, not one repeated token
+    assert_same_greedy(model, prompts[kind], uncached, cached, f"{kind} prompt, cache vs no cache")
+
+
+def test_cached_generation_equals_uncached_on_a_left_padded_mixed_batch(model, prompts):
+    items = list(prompts.values())  # prompts of different lengths: every row but the longest is padded
+    cached, uncached = _greedy(model, items), _greedy(model, items, use_cache=False)
+    for item, expected, actual in zip(items, uncached, cached):
+        assert_same_greedy(model, item, expected, actual, f"{item['id']} row of a mixed batch, cache vs no cache")
+
+
+def test_adapters_change_modality_answers_only(model, prompts):
+    """Guards the tests above: image and speech answers go through the adapters, text ones do not."""
+    for kind, item in prompts.items():
+        [adapted] = _greedy(model, [item])
+        with mmadapt.disable_adapters(model.llm):
+            [base] = _greedy(model, [item])
+        assert (adapted == base) == (kind == "text"), kind
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_rows_that_end_early_leave_the_batch_and_the_rest_decode_as_alone(model, prompts, use_cache):
+    items = list(prompts.values())
+    [first] = _greedy(model, items[:1], use_cache)
+    eos, original_eos = first[2], model.tokenizer.eos_token_id
+    model.tokenizer.eos_token_id = eos  # the first row now ends by its third token
+    try:
+        batched = _greedy(model, items, use_cache)
+        alone = [_greedy(model, [item], use_cache)[0] for item in items]
+    finally:
+        model.tokenizer.eos_token_id = original_eos
+    ended = batched[0].index(eos)
+    assert ended <= 2 and set(batched[0][ended:]) == {eos}
+    assert any(eos not in row[: ended + 2] for row in batched[1:])  # others decode on without that row
+    for item, expected, row in zip(items, alone, batched):
+        assert_same_greedy(model, item, _until_eos(expected, eos), _until_eos(row, eos), f"{item['id']} row, batch vs alone")
