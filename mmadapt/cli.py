@@ -27,13 +27,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmadapt", description="Adapt language models to images and speech.")
     commands = parser.add_subparsers(dest="command", required=True)
-    modules = {}
+    modules = {name: importlib.import_module(f"mmadapt.commands.{name}") for name in COMMANDS}
     for name, help_text in COMMANDS.items():
-        module = _command_module(name)
-        if module is None:
-            continue
-        modules[name] = module
-        module.add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+        modules[name].add_arguments(commands.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
     try:
         modules[args.command].run(args)
@@ -42,12 +38,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-def _command_module(name: str):
-    """The command's module; None while a listed command is not built yet."""
-    try:
-        return importlib.import_module(f"mmadapt.commands.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"mmadapt.commands.{name}":
-            raise
-        return None
