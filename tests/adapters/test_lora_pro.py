@@ -11,8 +11,10 @@ from mmadapt.hooks import StepContext, TrainingHooks
 from mmadapt.optim import build_optimizer
 from mmadapt.optim.lora_pro import adjusted_gradients
 from tests.adapters.hook_loop import one_process_engine, step_loss, text_logits, train
-from tests.adapters.hook_loop import one_thread  # noqa: F401  (autouse fixture: one CPU thread in this module)
 from tests.conftest import tiny_causal_lm
+from tests.helpers import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = {"type": "lora_pro", "r": 3, "alpha": 6, "targets": ["q_proj", "v_proj"]}
 PLAIN = {"type": "lora", "r": 2, "alpha": 4, "targets": ["o_proj"]}  # not LoRA-Pro: the inner AdamW steps it
