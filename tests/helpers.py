@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -123,3 +124,18 @@ def assert_same_greedy(model, item: dict, expected: list[int], actual: list[int]
     detail = f"{what}: decodings part at step {step} (top-2 logit gap {gap:.2e}): {expected} vs {actual}"
     assert gap < NEAR_TIE, detail
     warnings.warn(f"near-tie, accepted: {detail}", stacklevel=2)
+
+
+def incomplete_run(run: Path, folder: Path) -> Path:
+    """A copy of a run folder with only its config: not a finished run."""
+    folder.mkdir()
+    shutil.copy(run / "config.yaml", folder)
+    return folder
+
+
+def run_of_another_base(run: Path, folder: Path) -> Path:
+    """A copy of a finished run whose recorded base-weight fingerprint no longer matches."""
+    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    meta_path = folder / "adapter" / "adapter_config.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_fingerprint": "0" * 16}))
+    return folder

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from mmadapt.data.tokenize import encode_prompt
 from mmadapt.errors import InputError
 from mmadapt.inference.chat import ChatSession, TextStream
 from mmadapt.tokenizers import byte_tokenizer
-from tests.helpers import REPO, SHAPES, train_env
+from tests.helpers import REPO, SHAPES, incomplete_run, run_of_another_base, train_env
 
 # An untied output head makes greedy answers depend on the input; a tied random one
 # mostly repeats the prompt's last token, which would make equality tests vacuous.
@@ -176,20 +175,6 @@ def test_text_stream_holds_back_split_characters():
     assert len(pieces) == len(text)  # each character once complete, never a part of one
 
 
-def _incomplete_run(run: Path, folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(run / "config.yaml", folder)
-    return folder
-
-
-def _run_of_another_base(run: Path, folder: Path) -> Path:
-    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    meta_path = folder / "adapter" / "adapter_config.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "base_fingerprint": "0" * 16}))
-    return folder
-
-
 def _not_audio(folder: Path) -> Path:
     (folder / "noise.wav").write_bytes(b"not a wav file at all")
     return folder / "noise.wav"
@@ -207,8 +192,8 @@ def _not_image(folder: Path) -> Path:
         (lambda run, tmp: ["--checkpoint", str(run), "--image", str(_not_image(tmp))], "picture.png"),
         (lambda run, tmp: ["--checkpoint", str(run), "--audio", str(tmp / "none.wav")], "none.wav"),
         (lambda run, tmp: ["--checkpoint", str(run), "--audio", str(_not_audio(tmp))], "noise.wav"),
-        (lambda run, tmp: ["--checkpoint", str(_incomplete_run(run, tmp / "half")), "--text", "hi"], "half"),
-        (lambda run, tmp: ["--checkpoint", str(_run_of_another_base(run, tmp / "other")), "--text", "hi"], "other"),
+        (lambda run, tmp: ["--checkpoint", str(incomplete_run(run, tmp / "half")), "--text", "hi"], "half"),
+        (lambda run, tmp: ["--checkpoint", str(run_of_another_base(run, tmp / "other")), "--text", "hi"], "other"),
         (lambda run, tmp: ["--checkpoint", str(run)], "nothing to answer"),
         (lambda run, tmp: ["--checkpoint", str(run), "--text", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     ],

@@ -23,7 +23,8 @@ from mmadapt.inference import batch
 from mmadapt.inference.batch import answer_requests, read_requests, resume_output
 from mmadapt.inference.prompts import answer_tokens, decode, load_run
 from tests.helpers import (
-    SHAPES, assert_same_greedy, one_thread, run_train, shapes_subset, tiny_overrides,  # noqa: F401 (fixture)
+    SHAPES, assert_same_greedy, incomplete_run, one_thread, run_of_another_base, run_train, shapes_subset,  # noqa: F401
+    tiny_overrides,
 )
 
 UNTIED = "model.llm.config.tie_word_embeddings=false"  # greedy answers depend on the input (see test_chat.py)
@@ -256,19 +257,6 @@ def _bad_requests(tmp: Path, case: str) -> Path:
     return _write_jsonl(tmp / "requests.jsonl", [_image_request("r0", "ok.png"), _image_request("r1", "ok.png"), bad])
 
 
-def _incomplete_run(run: Path, folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(run / "config.yaml", folder)
-    return folder
-
-
-def _run_of_another_base(run: Path, folder: Path) -> Path:
-    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    meta_path = folder / "adapter" / "adapter_config.json"
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_fingerprint": "0" * 16}))
-    return folder
-
-
 @pytest.mark.parametrize(
     "case, named",
     [
@@ -288,7 +276,7 @@ def test_bad_request_exits_2_with_one_line_naming_file_line_and_id(run, tmp_path
 
 @pytest.mark.parametrize(
     "make_run, named",
-    [(_incomplete_run, "is not a finished mmadapt run"), (_run_of_another_base, "the base model changed")],
+    [(incomplete_run, "is not a finished mmadapt run"), (run_of_another_base, "the base model changed")],
     ids=["incomplete-run", "other-base"],
 )
 def test_unusable_checkpoint_exits_2_with_one_line_naming_it(run, requests_file, tmp_path, capsys, make_run, named):

@@ -7,7 +7,6 @@ missing, without them. Playwright's own browser downloads are never used.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import socket
@@ -21,7 +20,9 @@ import pytest
 
 from mmadapt.cli import main
 from mmadapt.inference.chat import ChatSession
-from tests.helpers import SHAPES, SPEECH, run_train, shapes_subset, tiny_overrides, train_env
+from tests.helpers import (
+    SHAPES, SPEECH, incomplete_run, run_of_another_base, run_train, shapes_subset, tiny_overrides, train_env,
+)
 
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[demo]')")
 from mmadapt.inference.serve import Backend, build_demo  # noqa: E402  (needs gradio)
@@ -160,22 +161,9 @@ def test_compose_endpoint_refuses_unusable_input(demo, monkeypatch, instruction,
     assert fake.calls == []
 
 
-def _incomplete(run: Path, folder: Path) -> Path:
-    folder.mkdir()
-    shutil.copy(run / "config.yaml", folder)
-    return folder
-
-
-def _other_base(run: Path, folder: Path) -> Path:
-    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
-    meta_path = folder / "adapter" / "adapter_config.json"
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_fingerprint": "0" * 16}))
-    return folder
-
-
 @pytest.mark.parametrize(
     "make_folder, named",
-    [(_incomplete, "is not a finished mmadapt run"), (_other_base, "the base model changed")],
+    [(incomplete_run, "is not a finished mmadapt run"), (run_of_another_base, "the base model changed")],
     ids=["incomplete", "other-base"],
 )
 def test_serve_refuses_an_unusable_run_with_one_line(run, tmp_path, capsys, make_folder, named):
