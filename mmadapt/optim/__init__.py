@@ -9,6 +9,7 @@ parameters it owns itself and leaves the rest to an inner AdamW.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -37,6 +38,15 @@ def register_optimizer(name: str, zero_stages: tuple[int, ...] = (0, 1, 2, 3)):
 @register_optimizer("adamw")
 def adamw(param_groups: list[dict], model: nn.Module, args: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, **args)
+
+
+def check_args(name: str, args: dict, optimizer_class: type) -> None:
+    """Refuse ``train.optimizer_args`` keys that ``optimizer_class`` does not take
+    (its constructor's parameters after ``param_groups`` and ``model``)."""
+    accepted = list(inspect.signature(optimizer_class).parameters)[2:]
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise InputError(f"train.optimizer_args: {name} takes {', '.join(accepted)}, not {', '.join(unknown)}")
 
 
 def build_optimizer(name: str, param_groups: list[dict], model: nn.Module, args: dict, zero_stage: int):

@@ -22,7 +22,6 @@ and reduces gradients before the optimizer sees them.
 
 from __future__ import annotations
 
-import inspect
 import math
 import zlib
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..adapters import adapter_parameters
 from ..errors import InputError
-from . import register_optimizer
+from . import check_args, register_optimizer
 from .wrapper import OwnsSomeParameters
 
 MAX_ASPECT = 4  # flora-opt: wider matrices (embeddings, LM heads) keep an uncompressed momentum
@@ -205,14 +204,9 @@ def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float().norm(2) / math.sqrt(tensor.numel())
 
 
-ARGS = list(inspect.signature(Flora).parameters)[2:]  # after param_groups and model
-
-
 @register_optimizer("flora_opt", zero_stages=(0,))
 def flora_opt(param_groups: list[dict], model: nn.Module, args: dict) -> torch.optim.Optimizer:
-    unknown = sorted(set(args) - set(ARGS))
-    if unknown:
-        raise InputError(f"train.optimizer_args: flora_opt takes {', '.join(ARGS)}, not {', '.join(unknown)}")
+    check_args("flora_opt", args, Flora)
     for key in ("rank", "kappa"):
         if not isinstance(args.get(key, 1), int) or args.get(key, 1) < 1:
             raise InputError(f"train.optimizer_args.{key} must be a positive integer, got {args[key]!r}")

@@ -30,7 +30,6 @@ fine-tuning's Adam state.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 
 from ..adapters import adapters_of
 from ..errors import InputError
-from . import register_optimizer
+from . import check_args, register_optimizer
 from .wrapper import OwnsSomeParameters
 
 JITTER = 1e-8
@@ -190,12 +189,7 @@ def _solve_sylvester(left: torch.Tensor, right: torch.Tensor, rhs: torch.Tensor)
     return U @ ((U.T @ rhs @ V) / (lam[:, None] + mu[None, :])) @ V.T
 
 
-ARGS = list(inspect.signature(LoRAPro).parameters)[2:]  # after param_groups and model
-
-
 @register_optimizer("lora_pro", zero_stages=(0,))
 def lora_pro(param_groups: list[dict], model: nn.Module, args: dict) -> torch.optim.Optimizer:
-    unknown = sorted(set(args) - set(ARGS))
-    if unknown:
-        raise InputError(f"train.optimizer_args: lora_pro takes {', '.join(ARGS)}, not {', '.join(unknown)}")
+    check_args("lora_pro", args, LoRAPro)
     return LoRAPro(param_groups, model, **args)
