@@ -57,9 +57,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    @property
+    @functools.cached_property
     def lengths(self) -> list[int]:
-        """Token count of every item (for length-grouped batching)."""
+        """Token count of every item (for length-grouped batching); read once, the table is fixed."""
         return [len(ids) for ids in self.table["input_ids"]]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
