@@ -58,7 +58,7 @@ def test_adapters_list_replaces_the_presets_whole():
         ("adapters.0.type=flora", "flora_opt"),
         ("model=models/none.yaml", "model preset 'models/none.yaml'"),
         ("train.max_steps", "must look like dotted.key=value"),
-        ("train.max_steps=300", "config key 'train.align_steps': 300 leaves no LM step"),
+        ("train.max_steps=600", "config key 'train.align_steps': 600 leaves no LM step"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
