@@ -117,3 +117,12 @@ def test_images_without_an_image_encoder_are_refused(jsonl):
     cfg = DataConfig(train=str(jsonl))
     with pytest.raises(InputError, match=r"data.train: record 'two' \(line 1\) has images but the model has no image"):
         build_dataset(jsonl, byte_tokenizer(), cfg, 0, None)
+
+
+def test_lengths_are_read_from_the_table_once(jsonl):
+    # The trainer indexes `lengths` once per record; re-reading the column each time was quadratic.
+    dataset, _ = build(jsonl)
+    assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    first = dataset.lengths
+    dataset.table = None  # a second read of the table would fail
+    assert dataset.lengths == first
