@@ -59,12 +59,21 @@ def save_adapter(state: dict[str, torch.Tensor], output_dir: Path, meta: dict) -
 
 def read_adapter_config(output_dir: Path) -> dict:
     path = Path(output_dir) / "adapter" / "adapter_config.json"
+    return read_versioned_json(path, FORMAT_VERSION, f"{output_dir} is not a finished mmadapt run: {path} is missing")
+
+
+def read_versioned_json(path: Path, version: int, missing: str) -> dict:
+    """The JSON object in ``path``, whose ``format_version`` must be ``version``.
+
+    Raises:
+        InputError: ``missing`` when there is no such file; the versions when they differ.
+    """
     if not path.is_file():
-        raise InputError(f"{output_dir} is not a finished mmadapt run: {path} is missing")
-    config = json.loads(path.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: format_version {config.get('format_version')} is not {FORMAT_VERSION}")
-    return config
+        raise InputError(missing)
+    content = json.loads(path.read_text())
+    if content.get("format_version") != version:
+        raise InputError(f"{path}: format_version {content.get('format_version')} is not {version}")
+    return content
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.initialization import no_init_weights
 
 from ..errors import InputError
+from ..export import read_versioned_json
 from .lord import LowRankLinear
 
 FORMAT_VERSION = 1
@@ -94,13 +95,8 @@ def read_meta(folder: Path) -> dict:
     Raises:
         InputError: the folder is not a prepared-model folder of this version.
     """
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise InputError(f"llm.path: {folder} is not a prepared model folder ({META_FILE} is missing)")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    return meta
+    missing = f"llm.path: {folder} is not a prepared model folder ({META_FILE} is missing)"
+    return read_versioned_json(Path(folder) / META_FILE, FORMAT_VERSION, missing)
 
 
 def load_prepared(folder: Path, attn_implementation: str = "eager", trust_remote_code: bool = False) -> PreTrainedModel:
