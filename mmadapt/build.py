@@ -49,6 +49,7 @@ def build_model(cfg: Config) -> MultimodalLM:
     inject(llm, cfg.adapters)
     model = MultimodalLM(llm, loaded.tokenizer, encoders, projectors)
     model.distill = DistillSettings(cfg.loss.temperature, cfg.loss.kd, cfg.loss.input_kl, cfg.loss.quantity)
+    model.image_alignment = cfg.train.align_loss
     model.base_fingerprint = fingerprint
     model.random_parts = sorted(random_parts)
     return model

@@ -75,6 +75,10 @@ class TrainConfig(Strict):
         0, ge=0, description="first steps use the cheap image-text alignment loss (no LLM pass) to warm up "
         "encoders trained from scratch; the LM loss follows",
     )
+    align_loss: Literal["readout", "contrastive"] = Field(
+        "readout", description="image alignment: readout (image token i read as answer token i through the "
+        "LLM's embedding table) or contrastive (mean image token vs mean answer embedding across the batch)",
+    )
     save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only at the end")
     keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
     log_every: int = Field(1, gt=0, description="metrics.jsonl row every N steps")

@@ -50,6 +50,32 @@ def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
     return int(same.sum()), same.numel()
 
 
+def first_answer_tokens(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]``: the first ``width`` tokens of each row's first labelled run (its first
+    answer), ``IGNORE`` past the answer's end or where a row has no labels."""
+    targets = torch.full((len(labels), width), IGNORE, dtype=labels.dtype, device=labels.device)
+    for row, row_labels in enumerate(labels):
+        labelled = (row_labels != IGNORE).nonzero().flatten()
+        breaks = (labelled.diff() != 1).nonzero().flatten()
+        answer = row_labels[labelled[: int(breaks[0]) + 1 if len(breaks) else len(labelled)]][:width]
+        targets[row, : len(answer)] = answer
+    return targets
+
+
+def embedding_readout(tokens: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of reading each token as its target word: softmax over the cosine
+    similarities to every row of the embedding ``table`` (``[V, D]``, no gradient).
+
+    ``tokens`` is ``[..., D]``, ``targets`` the matching ``[...]`` ids (``IGNORE`` skips a token).
+    Zero when no token has a target.
+    """
+    keep = targets != IGNORE
+    if not keep.any():
+        return tokens.sum() * 0.0
+    logits = F.normalize(tokens[keep].float(), dim=-1) @ F.normalize(table.detach().float(), dim=-1).T
+    return F.cross_entropy(logits / temperature, targets[keep])
+
+
 def embedding_regression(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean squared error relative to the targets' mean square: 1.0 for an all-zero guess.
 

@@ -33,7 +33,9 @@ from .errors import InputError
 from .losses import (
     IGNORE,
     distillation_kl,
+    embedding_readout,
     embedding_regression,
+    first_answer_tokens,
     next_token_loss,
     predicting_positions,
     top1_agreement,
@@ -41,6 +43,8 @@ from .losses import (
 from .modality import IMAGE, SPEECH, attach_context, disable_adapters, modality_ids
 
 GROUPS = ("adapters", "projector", "vision", "speech", "llm")
+# Cosine logits over a 50k vocabulary need a sharp softmax before the right word can win.
+READOUT_TEMPERATURE = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class MultimodalLM(nn.Module):
         self.projectors = nn.ModuleDict(projectors)
         self.tokenizer = tokenizer
         self.distill = DistillSettings()
+        self.image_alignment = "readout"
         attach_context(llm)
 
     def embed(
@@ -247,22 +252,32 @@ class MultimodalLM(nn.Module):
         return MultimodalOutput(loss=loss, parts=parts, counts=counts)
 
     def alignment_loss(self, input_ids: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Contrastive loss pulling each sample's mean image token towards the mean input
-        embedding of its labelled (answer) tokens, against the other samples of the batch.
+        """The cheap first stage for image encoders trained from scratch (no LLM pass): it
+        puts image tokens where the frozen LLM can read them, near the input embeddings of
+        the words that describe the image. ``self.image_alignment`` picks the loss:
 
-        A cheap first stage for encoders trained from scratch: it needs no LLM pass, and
-        afterwards image tokens already sit near the embeddings of the words that describe
-        them, which the frozen LLM can read.
+        - ``readout``: image token i of a single-image sample is read, by cosine against the
+          LLM's input embedding table, as token i of the sample's first answer (tokens past
+          the answer's end are free). The tokens then spell the caption in order, which
+          keeps which colour goes with which shape, and where. Multi-image samples are skipped.
+        - ``contrastive``: each sample's mean image token against the mean input embedding
+          of its answer tokens, across the batch (CLIP-style). Order-blind: "a red circle and
+          a blue square" has the same mean as "a blue circle and a red square".
         """
         tokens = self.encode_images(images)  # (N, n, D)
         per_sample = (input_ids == -IMAGE).sum(1) // tokens.shape[1]  # images per sample
         owner = torch.repeat_interleave(torch.arange(len(input_ids), device=input_ids.device), per_sample)
+        if self.image_alignment == "readout":
+            targets = first_answer_tokens(labels, tokens.shape[1])[owner]  # (N, n)
+            targets[per_sample[owner] != 1] = IGNORE
+            return embedding_readout(tokens, targets, self.llm.get_input_embeddings().weight, READOUT_TEMPERATURE)
         has_image = per_sample > 0
         image = torch.zeros(len(input_ids), tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
         image = image.index_add(0, owner, tokens.mean(1))[has_image] / per_sample[has_image, None]
         embed = self.llm.get_input_embeddings()
         answer = labels != IGNORE
-        text = torch.stack([embed(ids[keep]).mean(0) for ids, keep in zip(labels[has_image], answer[has_image])])
+        with torch.no_grad():  # the words are the fixed target, even where the LLM trains
+            text = torch.stack([embed(ids[keep]).mean(0) for ids, keep in zip(labels[has_image], answer[has_image])])
         logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / 0.07  # (B', B')
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

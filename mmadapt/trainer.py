@@ -133,21 +133,25 @@ class Trainer:
     def _micro_batches(self, step: int) -> dict[str | None, Iterator[dict]]:
         """Endless micro-batches in a seeded order, per data split (None: no splits), from ``step`` on."""
         fractions = self.hooks.data_splits()
+        accum, align_steps = self.cfg.train.grad_accum, self.cfg.train.align_steps
         if fractions is None:
-            return {None: self._loader(range(len(self.train_set)), step * self.cfg.train.grad_accum)}
+            return {None: self._loader(range(len(self.train_set)), step * accum, align_steps * accum)}
         splits = split_indices(len(self.train_set), fractions, self.cfg.train.seed)
         return {
-            name: self._loader(indices, self._steps_in_split(name, step) * self.cfg.train.grad_accum)
+            name: self._loader(
+                indices, self._steps_in_split(name, step) * accum, self._steps_in_split(name, align_steps) * accum
+            )
             for name, indices in splits.items()
         }
 
     def _steps_in_split(self, name: str, step: int) -> int:
         return sum(self.hooks.context(s).split == name for s in range(step))
 
-    def _loader(self, indices, start: int) -> Iterator[dict]:
-        """Micro-batches over ``indices`` of the train set; ``start`` skips those already consumed."""
+    def _loader(self, indices, start: int, aligning: int) -> Iterator[dict]:
+        """Micro-batches over ``indices`` of the train set; ``start`` skips those already
+        consumed, the first ``aligning`` belong to the alignment stage."""
         lengths = [self.train_set.lengths[i] for i in indices]
-        local = _rank_batches(lengths, self.cfg, self.rank, self.world, start)
+        local = _rank_batches(lengths, self.cfg, self.rank, self.world, start, aligning)
         sampler = [[indices[i] for i in batch] for batch in local]
         loader = DataLoader(
             self.train_set,
@@ -305,19 +309,28 @@ def lr_factor(step: int, train: TrainConfig, cycle: int | None = None) -> float:
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _rank_batches(lengths: list[int], cfg: Config, rank: int, world: int, start: int) -> Iterator[list[int]]:
-    """Index lists for this rank's micro-batches in a seeded order; ``start`` skips consumed ones."""
+def _rank_batches(
+    lengths: list[int], cfg: Config, rank: int, world: int, start: int, aligning: int = 0
+) -> Iterator[list[int]]:
+    """Index lists for this rank's micro-batches in a seeded order; ``start`` skips consumed ones.
+
+    The first ``aligning`` micro-batches (the alignment stage) are never grouped by length:
+    that stage runs no LLM, so padding costs nothing there, and batches of one caption
+    length train the encoder worse (readout loss 1.40 vs 0.87 after 200 steps on shapes).
+    An epoch that straddles the stage change switches order at the change.
+    """
     size = cfg.train.batch_size
     per_epoch = len(lengths) // (size * world)
     if per_epoch == 0:
         raise ValueError(f"data.train has {len(lengths)} usable records, fewer than one global batch ({size * world})")
-    orders: dict[int, list[int]] = {}
+    orders: dict[tuple[int, bool], list[int]] = {}
     for index in range(start, cfg.train.max_steps * cfg.train.grad_accum):
         epoch, position = divmod(index, per_epoch)
-        if epoch not in orders:
-            orders = {epoch: _epoch_order(lengths, size * world, cfg.data.group_by_length, cfg.train.seed * 1000 + epoch)}
+        key = (epoch, cfg.data.group_by_length and index >= aligning)
+        if key not in orders:
+            orders = {key: _epoch_order(lengths, size * world, key[1], cfg.train.seed * 1000 + epoch)}
         begin = (position * world + rank) * size
-        yield orders[epoch][begin : begin + size]
+        yield orders[key][begin : begin + size]
 
 
 def split_indices(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[int]]:

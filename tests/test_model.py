@@ -92,13 +92,17 @@ def test_generation_with_kv_cache_equals_without(model):
     assert torch.equal(base[1], adapted[1]), "the text-only row must not change"
 
 
-def test_alignment_loss_trains_encoder_and_projector_only(model):
-    ids, _, _, labels = _batch()  # its first row holds two images
-    batch_ids = torch.cat([ids[:1]] * 3)
-    batch_labels = torch.cat([labels[:1]] * 3)
+@pytest.mark.parametrize("objective", ["readout", "contrastive"])
+def test_alignment_loss_trains_encoder_and_projector_only(model, objective):
+    model.image_alignment = objective
+    ids, _, _, labels = _batch()  # its first row holds two images, which readout skips
+    one_image = torch.cat([ids[:1, :13], ids[:1, 22:]], dim=1)  # [1, 5, 9 slots, 6, 7, 8, 9, 10]
+    one_image_labels = torch.cat([labels[:1, :13], labels[:1, 22:]], dim=1)
+    batch_ids = torch.cat([one_image] * 3)
+    batch_labels = torch.cat([one_image_labels] * 3)
     batch_labels[1, -3:] = torch.tensor([20, 21, 22])
     batch_labels[2, -3:] = torch.tensor([30, 31, 32])
-    loss = model(batch_ids, images=torch.randn(6, 3, 48, 48), labels=batch_labels, align=True).loss
+    loss = model(batch_ids, images=torch.randn(3, 3, 48, 48), labels=batch_labels, align=True).loss
     loss.backward()
     groups = model.parameter_groups()
     assert loss > 0
@@ -106,3 +110,10 @@ def test_alignment_loss_trains_encoder_and_projector_only(model):
     assert all(p.grad is not None for n, p in groups["projector"].items() if n.startswith("projectors.image."))
     assert all(p.grad is None for n, p in groups["projector"].items() if n.startswith("projectors.speech."))
     assert all(p.grad is None for p in groups["adapters"].values())
+    assert all(p.grad is None for p in groups["llm"].values())
+
+
+def test_readout_alignment_skips_multi_image_samples(model):
+    ids, _, _, labels = _batch()
+    loss = model(ids[:1], images=torch.randn(2, 3, 48, 48), labels=labels[:1], align=True).loss
+    assert loss.item() == 0.0

@@ -35,6 +35,18 @@ def test_length_grouping_reduces_padding():
     assert grouped < plain / 4
 
 
+def test_alignment_stage_batches_are_not_grouped_by_length():
+    cfg = _cfg("train.batch_size=16", "train.max_steps=32")
+    lengths = [10 + (i * 37) % 90 for i in range(512)]
+    plain = list(_rank_batches(lengths, _cfg("train.batch_size=16", "train.max_steps=32", "data.group_by_length=false"), 0, 1, 0))
+    grouped = list(_rank_batches(lengths, cfg, 0, 1, 0))
+
+    staged = list(_rank_batches(lengths, cfg, 0, 1, 0, aligning=20))
+
+    assert staged[:20] == plain[:20] and staged[20:] == grouped[20:]
+    assert list(_rank_batches(lengths, cfg, 0, 1, 25, aligning=20)) == staged[25:]
+
+
 def test_warmup_then_cosine_to_min_ratio():
     cfg = _cfg("train.max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1")
     factors = [lr_factor(step, cfg.train) for step in range(101)]

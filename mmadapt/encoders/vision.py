@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from torch import nn
 from torchvision.transforms import v2
@@ -57,8 +57,9 @@ class VisionConfig(BaseModel):
         description="patch: the model's own patchify layer; conv: stride-2 3x3 convolutions in its "
         "place (same grid; ViTs trained from scratch converge faster; timm only, random init only)",
     )
-    pool: int = Field(
-        1, ge=1, description="average-pool the patch grid by this factor per side to cut tokens; 1 = off"
+    pool: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(
+        1, description="average-pool the patch grid by this factor per side, or [rows, cols] factors, "
+        "to cut tokens; 1 = off",
     )
     mean: list[float] = Field(
         default_factory=lambda: list(OPENAI_CLIP_MEAN), min_length=3, max_length=3,
@@ -76,6 +77,11 @@ class VisionConfig(BaseModel):
             raise ValueError("vision.stem: conv needs a timm ViT with random weights (vision.weights: null)")
         return self
 
+    @property
+    def pool_window(self) -> tuple[int, int]:
+        """The pooling factors as (rows, cols)."""
+        return (self.pool, self.pool) if isinstance(self.pool, int) else self.pool
+
 
 class VisionEncoder(nn.Module):
     """A ViT returning (optionally grid-pooled) patch tokens, never prefix tokens.
@@ -91,7 +97,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.library = cfg.library
-        self.pool = cfg.pool
+        self.pool = cfg.pool_window
         self.grid = grid
         self._width = width
         self.transform = v2.Compose([
@@ -104,7 +110,7 @@ class VisionEncoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Tokens per image after pooling."""
-        return (self.grid[0] // self.pool) * (self.grid[1] // self.pool)
+        return (self.grid[0] // self.pool[0]) * (self.grid[1] // self.pool[1])
 
     @property
     def width(self) -> int:
@@ -129,8 +135,8 @@ class VisionEncoder(nn.Module):
             ``[N, num_tokens, width]`` patch tokens, row-major over the (pooled) grid.
         """
         grid = self._patch_grid(pixels)  # (N, C, h, w)
-        if self.pool > 1:
-            grid = F.avg_pool2d(grid, self.pool)  # (N, C, h/p, w/p)
+        if self.pool != (1, 1):
+            grid = F.avg_pool2d(grid, self.pool)  # (N, C, h/p_rows, w/p_cols)
         return grid.flatten(2).transpose(1, 2)  # (N, h*w, C)
 
     def _patch_grid(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -176,7 +182,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
         raise ValueError(f"vision.kwargs: {cfg.library} cannot build {cfg.name!r} with {cfg.kwargs}: {e}") from e
     if cfg.stem == "conv":
         _replace_patchify_with_convs(backbone, cfg)
-    if grid[0] % cfg.pool or grid[1] % cfg.pool:
+    if grid[0] % cfg.pool_window[0] or grid[1] % cfg.pool_window[1]:
         raise ValueError(f"vision.pool: {cfg.pool} does not divide the {grid[0]}x{grid[1]} patch grid of {cfg.name!r}")
     return VisionEncoder(backbone, cfg, grid, width)
 

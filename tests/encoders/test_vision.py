@@ -46,6 +46,19 @@ def test_pool_averages_2x2_patch_groups():
     assert torch.allclose(tokens[0, 3], bottom_right, atol=1e-6)
 
 
+def test_pool_rows_and_cols_separately():
+    torch.manual_seed(0)
+    enc = build_vision_encoder(timm_cfg(pool=[2, 1]))
+    x = torch.randn(1, 3, 32, 32)
+
+    tokens = enc(x)
+
+    patches = enc.backbone.forward_features(x)[:, 1:].reshape(1, 4, 4, 192)  # (N, rows, cols, C)
+    assert tokens.shape == (1, 8, 192) and enc.num_tokens == 8
+    assert torch.allclose(tokens[0, 1], patches[0, :2, 1].mean(0), atol=1e-6)  # top half, second column
+    assert torch.allclose(tokens[0, 4], patches[0, 2:, 0].mean(0), atol=1e-6)  # bottom half, first column
+
+
 def test_pool_must_divide_grid():
     with pytest.raises(ValueError, match="vision.pool"):
         build_vision_encoder(timm_cfg(pool=3))
