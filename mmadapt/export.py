@@ -66,11 +66,17 @@ def read_versioned_json(path: Path, version: int, missing: str) -> dict:
     """The JSON object in ``path``, whose ``format_version`` must be ``version``.
 
     Raises:
-        InputError: ``missing`` when there is no such file; the versions when they differ.
+        InputError: ``missing`` when there is no such file; the position when it is not a
+            JSON object; the versions when they differ.
     """
     if not path.is_file():
         raise InputError(missing)
-    content = json.loads(path.read_text())
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: expected a JSON object, found {type(content).__name__}")
     if content.get("format_version") != version:
         raise InputError(f"{path}: format_version {content.get('format_version')} is not {version}")
     return content

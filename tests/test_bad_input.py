@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from mmadapt.errors import InputError
+from mmadapt.export import read_versioned_json
 from mmadapt.run import main
 from tests.helpers import deepspeed_launcher, run_train, shapes_subset, tiny_overrides
 
@@ -78,3 +80,20 @@ def test_two_ranks_print_the_error_once(tmp_path):
     output = result.stdout + result.stderr
     assert output.count("error: ") == 1 and "(id='train-00003')" in output
 
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"format_version": 1,', r"meta.json: not valid JSON \(Expecting"),
+        ("[1, 2]", "meta.json: expected a JSON object, found list"),
+        ('{"format_version": 2}', "meta.json: format_version 2 is not 1"),
+    ],
+)
+def test_versioned_json_names_the_file_and_the_fault(tmp_path, content, message):
+    path = tmp_path / "meta.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_versioned_json(path, 1, "no meta.json")
+    with pytest.raises(InputError, match="no meta.json"):
+        read_versioned_json(tmp_path / "absent.json", 1, "no meta.json")
