@@ -45,6 +45,8 @@ def test_alignment_stage_batches_are_not_grouped_by_length():
 
     assert staged[:20] == plain[:20] and staged[20:] == grouped[20:]
     assert list(_rank_batches(lengths, cfg, 0, 1, 25, aligning=20)) == staged[25:]
+    opted_in = _cfg("train.batch_size=16", "train.max_steps=32", "data.group_alignment_by_length=true")
+    assert list(_rank_batches(lengths, opted_in, 0, 1, 0, aligning=20)) == grouped
 
 
 def test_warmup_then_cosine_to_min_ratio():

@@ -30,6 +30,10 @@ class DataConfig(BaseModel):
     group_by_length: bool = Field(
         default=True, description="batch samples of similar length together (less padding), in a seeded order"
     )
+    group_alignment_by_length: bool = Field(
+        default=False, description="with group_by_length, group the alignment stage's batches too: less encoder "
+        "padding for speech; for images (no padding) plain shuffles train the encoder better",
+    )
     speech_prompt: str = Field(
         default="Continue the following text in a coherent style: {transcript}",
         description="BLSP-KD user turn: {transcript} becomes the transcript for the teacher and the speech for "
