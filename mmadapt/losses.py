@@ -74,13 +74,3 @@ def embedding_readout(tokens: torch.Tensor, targets: torch.Tensor, table: torch.
         return tokens.sum() * 0.0
     logits = F.normalize(tokens[keep].float(), dim=-1) @ F.normalize(table.detach().float(), dim=-1).T
     return F.cross_entropy(logits / temperature, targets[keep])
-
-
-def embedding_regression(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error relative to the targets' mean square: 1.0 for an all-zero guess.
-
-    The cheap first BLSP stage pulls each speech token onto the LLM input embedding of
-    the transcript token it stands for, without running the LLM.
-    """
-    return F.mse_loss(tokens.float(), targets.float()) / targets.float().pow(2).mean().clamp(min=1e-12)
-

@@ -34,7 +34,6 @@ from .losses import (
     IGNORE,
     distillation_kl,
     embedding_readout,
-    embedding_regression,
     first_answer_tokens,
     next_token_loss,
     predicting_positions,
@@ -288,13 +287,14 @@ class MultimodalLM(nn.Module):
 
     def _speech_alignment(self, input_ids, attention_mask, speech: SpeechBatch, teacher_input_ids) -> MultimodalOutput:
         """Cheap first BLSP stage, no LLM pass: each CIF token (count forced to the
-        transcript's) regresses onto the LLM input embedding of its transcript token."""
+        transcript's) is read, through the LLM's input embedding table, as its transcript token."""
         cif = self.encode_speech(speech)
         speech_tokens = _per_item(cif)
         _, modality, _, _ = self.embed(input_ids, None, speech_tokens, attention_mask)
-        transcript = self.llm.get_input_embeddings()(teacher_input_ids[modality == SPEECH])  # (ΣN, D)
+        transcript = teacher_input_ids[modality == SPEECH]  # (ΣN,) the token each CIF token stands for
+        table = self.llm.get_input_embeddings().weight
         parts = {
-            "align": embedding_regression(torch.cat(speech_tokens), transcript),
+            "align": embedding_readout(torch.cat(speech_tokens), transcript, table, READOUT_TEMPERATURE),
             "quantity": cif_quantity_loss(cif.alpha_sum, speech.targets, self._cif_threshold),
         }
         return MultimodalOutput(loss=parts["align"] + self.distill.quantity * parts["quantity"], parts=parts)
