@@ -72,8 +72,8 @@ class TrainConfig(Strict):
     trainable: list[Trainable] = Field(["adapters", "projector"], description="which parts train")
     gradient_checkpointing: bool = Field(False, description="recompute LLM layers in backward")
     align_steps: int = Field(
-        0, ge=0, description="first steps use the cheap image-text alignment loss (no LLM pass) to warm up "
-        "encoders trained from scratch; the LM loss follows",
+        0, ge=0, description="first steps use the cheap alignment loss (no LLM pass) to warm up encoders "
+        "trained from scratch; the LM (or BLSP-KD) loss follows. Speech always uses the readout",
     )
     align_loss: Literal["readout", "contrastive"] = Field(
         "readout", description="image alignment: readout (image token i read as answer token i through the "

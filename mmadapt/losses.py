@@ -1,4 +1,6 @@
-"""Training losses on logits and embeddings: SFT cross-entropy and the BLSP-KD parts.
+"""Training losses on logits and embeddings: SFT cross-entropy, the BLSP-KD parts, and
+the alignment stage's readout (encoder token i read as word i through the LLM's own
+input embedding table, so the frozen LLM can read the tokens from the first LM step).
 
 BLSP-KD (speech -> text distillation): the teacher is the LLM with adapters off,
 fed the transcript; the student is the same LLM fed the speech tokens (PLoRA on).
