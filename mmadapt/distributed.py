@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,20 @@ def init(threads: int | None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        _unlink_shm_allreduce_buffer()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU all-reduce creates a ~69 MB /dev/shm segment per rank when all ranks
+    share this host (the launcher sets ``LOCAL_SIZE``) and never unlinks it, so every launch
+    used to leave them in RAM until reboot. When ``init_distributed`` has returned on every
+    rank, every rank has mapped every segment; the name is no longer needed, and unlinking it
+    now frees the memory when the ranks exit, however they exit."""
+    dist.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}").unlink(
+        missing_ok=True
+    )
 
 
 def rank() -> int:

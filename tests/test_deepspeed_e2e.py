@@ -1,5 +1,8 @@
 """Two DeepSpeed ranks on this machine: ZeRO-2, ZeRO-3 with full export, and a hostfile launch."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -15,9 +18,11 @@ def _two_rank_run(tmp_path, stage: int, *launcher_args: str):
     data = shapes_subset(tmp_path / "data")
     out = tmp_path / "out"
     overrides = tiny_overrides(data, out, f"deepspeed.zero_stage={stage}", "train.max_steps=8", "train.lr=5e-3")
-    launcher = deepspeed_launcher(*launcher_args, "--master_port", free_port())
-    result = run_train(overrides, launcher=launcher)
+    port = free_port()
+    result = run_train(overrides, launcher=deepspeed_launcher(*launcher_args, "--master_port", port))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert not leaked, f"DeepSpeed's shared-memory all-reduce buffers outlived the run: {leaked}"
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 9))
     assert (out / "checkpoints" / "step-8" / "COMPLETE").exists()
     assert (out / "checkpoints" / "step-8" / "rng_rank1.pt").exists(), "second rank did not run"
