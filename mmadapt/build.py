@@ -50,6 +50,7 @@ def build_model(cfg: Config) -> MultimodalLM:
     model = MultimodalLM(llm, loaded.tokenizer, encoders, projectors)
     model.distill = DistillSettings(cfg.loss.temperature, cfg.loss.kd, cfg.loss.input_kl, cfg.loss.quantity)
     model.image_alignment = cfg.train.align_loss
+    model.readout_negatives = cfg.train.readout_negatives
     model.base_fingerprint = fingerprint
     model.random_parts = sorted(random_parts)
     return model

@@ -79,6 +79,10 @@ class TrainConfig(Strict):
         "readout", description="image alignment: readout (image token i read as answer token i through the "
         "LLM's embedding table) or contrastive (mean image token vs mean answer embedding across the batch)",
     )
+    readout_negatives: int | None = Field(
+        None, gt=0, description="readout alignment: softmax over the targets' rows plus this many rows drawn "
+        "uniformly from the embedding table (sampled softmax, much cheaper); null: the whole table",
+    )
     save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0: only at the end")
     keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
     log_every: int = Field(1, gt=0, description="metrics.jsonl row every N steps")

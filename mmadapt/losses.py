@@ -64,15 +64,24 @@ def first_answer_tokens(labels: torch.Tensor, width: int) -> torch.Tensor:
     return targets
 
 
-def embedding_readout(tokens: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, temperature: float) -> torch.Tensor:
+def embedding_readout(
+    tokens: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, temperature: float, negatives: int | None = None
+) -> torch.Tensor:
     """Cross-entropy of reading each token as its target word: softmax over the cosine
     similarities to every row of the embedding ``table`` (``[V, D]``, no gradient).
 
     ``tokens`` is ``[..., D]``, ``targets`` the matching ``[...]`` ids (``IGNORE`` skips a token).
+    ``negatives``: the softmax runs over the targets' rows plus this many rows drawn uniformly
+    from the table (a sampled softmax: the ``[N, V]`` product is most of the loss's cost).
     Zero when no token has a target.
     """
     keep = targets != IGNORE
     if not keep.any():
         return tokens.sum() * 0.0
-    logits = F.normalize(tokens[keep].float(), dim=-1) @ F.normalize(table.detach().float(), dim=-1).T
-    return F.cross_entropy(logits / temperature, targets[keep])
+    tokens, targets, table = tokens[keep], targets[keep], table.detach()
+    if negatives is not None and negatives < len(table):
+        drawn = torch.randint(len(table), (negatives,), device=table.device)
+        rows = torch.cat([targets, drawn]).unique()  # sorted, so searchsorted re-indexes the targets
+        targets, table = torch.searchsorted(rows, targets), table[rows]
+    logits = F.normalize(tokens.float(), dim=-1) @ F.normalize(table.float(), dim=-1).T
+    return F.cross_entropy(logits / temperature, targets)

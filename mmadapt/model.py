@@ -92,6 +92,7 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         self.distill = DistillSettings()
         self.image_alignment = "readout"
+        self.readout_negatives: int | None = None
         attach_context(llm)
 
     def embed(
@@ -269,7 +270,7 @@ class MultimodalLM(nn.Module):
         if self.image_alignment == "readout":
             targets = first_answer_tokens(labels, tokens.shape[1])[owner]  # (N, n)
             targets[per_sample[owner] != 1] = IGNORE
-            return embedding_readout(tokens, targets, self.llm.get_input_embeddings().weight, READOUT_TEMPERATURE)
+            return self._readout(tokens, targets)
         has_image = per_sample > 0
         image = torch.zeros(len(input_ids), tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
         image = image.index_add(0, owner, tokens.mean(1))[has_image] / per_sample[has_image, None]
@@ -280,6 +281,10 @@ class MultimodalLM(nn.Module):
         logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / 0.07  # (B', B')
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def _readout(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        table = self.llm.get_input_embeddings().weight
+        return embedding_readout(tokens, targets, table, READOUT_TEMPERATURE, self.readout_negatives)
 
     @property
     def _cif_threshold(self) -> float:
@@ -292,9 +297,8 @@ class MultimodalLM(nn.Module):
         speech_tokens = _per_item(cif)
         _, modality, _, _ = self.embed(input_ids, None, speech_tokens, attention_mask)
         transcript = teacher_input_ids[modality == SPEECH]  # (ΣN,) the token each CIF token stands for
-        table = self.llm.get_input_embeddings().weight
         parts = {
-            "align": embedding_readout(torch.cat(speech_tokens), transcript, table, READOUT_TEMPERATURE),
+            "align": self._readout(torch.cat(speech_tokens), transcript),
             "quantity": cif_quantity_loss(cif.alpha_sum, speech.targets, self._cif_threshold),
         }
         return MultimodalOutput(loss=parts["align"] + self.distill.quantity * parts["quantity"], parts=parts)

@@ -27,6 +27,10 @@ class DataConfig(BaseModel):
     )
     eval_samples: int | None = Field(default=None, gt=0, description="use at most this many eval records; null: all")
     num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0: load in the main process)")
+    audio_cache_mb: int = Field(
+        default=1024, ge=0, description="keep up to this many MB of log-mel features in memory, per loader "
+        "process, first come first kept (decoding compressed audio again every epoch is slow); 0: no cache",
+    )
     group_by_length: bool = Field(
         default=True, description="batch samples of similar length together (less padding), in a seeded order"
     )
