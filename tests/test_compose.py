@@ -31,6 +31,7 @@ from mmadapt.inference.compose import (
     even_positions,
     parse_outline,
     parse_positions,
+    split_paragraphs,
 )
 from mmadapt.inference.rank import ClipRanker, read_image
 from tests.helpers import REPO, SHAPES, run_train, shapes_subset, tiny_overrides
@@ -188,6 +189,23 @@ def test_even_positions_spread_images_and_repeat_only_when_they_outnumber_paragr
     assert even_positions(5, 2) == [1, 3]
     assert even_positions(3, 3) == [0, 1, 2]
     assert even_positions(2, 3) == [0, 1, 1]
+
+
+def test_paragraphs_are_cut_at_the_sentence_end_nearest_the_middle_of_the_longest():
+    text = "One is red. Two is blue! Three is green? Four is pink."
+    assert split_paragraphs([text], 2) == ["One is red. Two is blue!", "Three is green? Four is pink."]
+    # the longest paragraph is cut first
+    assert split_paragraphs(["A b. C d.", text], 3) == ["A b. C d.", "One is red. Two is blue!", "Three is green? Four is pink."]
+    assert split_paragraphs(["A. B.", "No sentence end"], 5) == ["A.", "B.", "No sentence end"]
+    assert split_paragraphs([text], 1) == [text]
+
+
+def test_images_outnumbering_the_answers_paragraphs_follow_its_sentences(session, candidates, tmp_path, monkeypatch):
+    answer = "A red circle here. It is round. A blue square there. It has corners."
+    monkeypatch.setattr("mmadapt.inference.compose._Writer.article", lambda *args: [answer])
+    decisions = _compose(session, candidates, tmp_path / "article", num_images=2)
+    assert decisions["paragraphs"] == ["A red circle here. It is round.", "A blue square there. It has corners."]
+    assert [slot["after_paragraph"] for slot in decisions["slots"]] == [1, 2]
 
 
 def test_outline_lines_drop_bullets_and_keep_image_marks():

@@ -24,6 +24,8 @@ gradients reach both ``hidden`` and ``alphas`` (through ``w``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,29 +59,36 @@ def cif(
     u_all = F.pad(scaled, (1, 0)).cumsum(1)  # (B, T+1), u_0 = 0
     u_prev, u = u_all[:, :-1], u_all[:, 1:]  # c_{t-1}/θ, c_t/θ
     lengths = _token_counts(u[:, -1], None if tail_threshold is None else tail_threshold / threshold)  # (B,)
-    # one host sync for both: NaN fails the >= test, +inf makes the total non-finite
-    ok, n_max = torch.stack([(alphas.min() >= 0) & torch.isfinite(u[:, -1].sum()), lengths.max()]).tolist()
-    if not ok:
+    # one host sync for all three (NaN fails the >= test, +inf makes the sum non-finite)
+    smallest, total, n_max = torch.stack([alphas.min().double(), u[:, -1].sum(), lengths.max()]).tolist()
+    if not (smallest >= 0 and math.isfinite(total)):
         raise ValueError("cif: alphas must be finite and non-negative")
+    n_max = int(n_max)
 
     # Band of w: frame t feeds tokens first .. end-1; tokens past the row's length are dropped.
-    first = torch.floor(u_prev)  # (B, T)
-    end = torch.minimum(torch.floor(u) + 1, lengths[:, None].double())
-    per_frame = (end - first).clamp_min(0).long().flatten()  # (B·T,)
+    # Every index op below is a cheap 1-D pass over B·T or E entries: together they cost
+    # about as much as the embedding_bag, which reads all of ``hidden`` once.
+    first = u_prev.floor()  # (B, T)
+    end = torch.minimum(u.floor() + 1, lengths[:, None])
+    per_frame = (end - first).clamp_min_(0).long().flatten()  # (B·T,)
     frame = torch.repeat_interleave(per_frame)  # (E,) frame of each band entry, in order
-    step = torch.arange(len(frame), device=frame.device) - (per_frame.cumsum(0) - per_frame)[frame]  # token - first
+    frame_start = per_frame.cumsum(0) - per_frame  # (B·T,) its first entry
+    step = torch.arange(len(frame), device=frame.device) - frame_start.index_select(0, frame)  # token - first
     # output row b·N_max + token: entries come sorted by it, so each row's entries are one bag
     first_row = first.long() + torch.arange(batch, device=first.device)[:, None] * n_max  # (B, T)
-    bag = first_row.flatten()[frame] + step  # (E,)
-    offsets = torch.searchsorted(bag, torch.arange(batch * n_max, device=bag.device))
+    bag = first_row.flatten().index_select(0, frame) + step  # (E,)
+    per_bag = torch.bincount(bag, minlength=batch * n_max)
+    offsets = per_bag.cumsum(0) - per_bag
 
     # w / θ = min(u_t, n+1) - max(u_{t-1}, n), written relative to `first` (exact in float64)
     k = step.double()
-    weight = torch.minimum((u - first).flatten()[frame], k + 1) - torch.maximum((u_prev - first).flatten()[frame], k)
-    weight = weight.clamp_min(0)  # -1 ulp at most
+    above = (u - first).flatten().index_select(0, frame)  # u_t - first, per entry
+    below = (u_prev - first).flatten().index_select(0, frame)
+    weight = torch.minimum(above, k + 1).sub_(torch.maximum(below, k)).clamp_min_(0)  # -1 ulp at most
+    if threshold != 1:
+        weight.mul_(threshold)
     tokens = F.embedding_bag(
-        frame, hidden.reshape(batch * time, width), offsets, mode="sum",
-        per_sample_weights=(weight if threshold == 1 else weight * threshold).to(hidden.dtype),
+        frame, hidden.reshape(batch * time, width), offsets, mode="sum", per_sample_weights=weight.to(hidden.dtype)
     )
     return tokens.view(batch, n_max, width), lengths
 

@@ -16,7 +16,9 @@ The steps, each recorded in ``decisions.json``:
    ask for one. Otherwise the model sees the numbered paragraphs and is asked which
    ones need a picture (exactly N for ``num_images=N``); when its answer does not
    give that many usable paragraph numbers (``auto``: at least one), the images are
-   spread evenly instead (:func:`even_positions`).
+   spread evenly instead (:func:`even_positions`). Without an outline, an answer with fewer
+   paragraphs than images wanted is first cut at sentence ends (:func:`split_paragraphs`), so
+   no two images follow one paragraph under the same caption.
 3. **Captions**: one per slot, the model's short caption for that paragraph (two worked
    examples come first as earlier chat turns; all slots are decoded in one batch).
 4. **Images**: slot by slot, the ranker scores every candidate not used yet and the
@@ -64,6 +66,7 @@ CAPTION_EXAMPLES = (  # (paragraph, caption) turns shown before each caption req
 )
 _PLACEHOLDER = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
 _BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ def compose(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         paragraphs = writer.article(instruction, lines, references, on_text)
+        if not lines and wanted:
+            paragraphs = split_paragraphs(paragraphs, wanted)
         positions, placement = choose_positions(paragraphs, lines, wanted, len(candidates), writer.placement)
         captions = writer.captions([paragraphs[p] for p in positions])
     slots = pick_images(ranker, positions, captions, candidates, batch_size, progress)
@@ -318,6 +323,26 @@ def parse_positions(answer: str, paragraphs: int) -> list[int]:
         if 0 <= index < paragraphs and index not in found:
             found.append(index)
     return found
+
+
+def split_paragraphs(paragraphs: list[str], count: int) -> list[str]:
+    """The paragraphs, the longest cut in two at a sentence end, until there are ``count`` of
+    them or none has two sentences left. Two images after one paragraph would be captioned
+    from the same text, alike, and the second would illustrate nothing new."""
+    paragraphs = list(paragraphs)
+    while len(paragraphs) < count:
+        splittable = [(len(text), k) for k, text in enumerate(paragraphs) if _SENTENCE_END.search(text)]
+        if not splittable:
+            break
+        _, k = max(splittable)
+        paragraphs[k : k + 1] = _halves(paragraphs[k])
+    return paragraphs
+
+
+def _halves(paragraph: str) -> list[str]:
+    """The paragraph cut at the sentence end nearest its middle."""
+    cut = min(_SENTENCE_END.finditer(paragraph), key=lambda end: abs(end.start() - len(paragraph) / 2))
+    return [paragraph[: cut.start()], paragraph[cut.end() :]]
 
 
 def even_positions(paragraphs: int, count: int) -> list[int]:
