@@ -6,11 +6,12 @@ the first N requests of the shapes test set with a finished run of the embedded 
 fp32, at each batch size, in one process, interleaved per repetition
 (``benchmarks/_timing.py``). Throughput is answer tokens (end-of-turn excluded) per
 second of wall time, reading and preprocessing the images included; also per CPU second
-of the process, which on one thread leaves out the time spent waiting for a shared core.
+of the process (all its threads), which leaves out time spent waiting for a shared core.
 Batched and one-at-a-time answers are compared too (they may part only at near-ties).
 
-Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/batch_inference.py [--requests 48] [--reps 3] [--write]
-(one thread: on the shared 2-core machine a second one stalled every step, 6x slower)
+Run:  .venv/bin/python benchmarks/batch_inference.py [--requests 48] [--reps 3] [--write]
+on an otherwise idle machine; with other work on the 2 cores, prefix OMP_NUM_THREADS=1 (a
+second thread then stalls every step, 6x slower).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ MAX_FOREIGN = 0.1  # repetitions during which other processes used more of the C
 TARGET = 3.0  # batch 8 at least this many times the tokens/s of batch 1
 # From a profile of 16 requests (CPU seconds of one thread, each phase timed around MultimodalLM._step).
 NOTES = (
-    "Where batch 8 loses on this CPU, from a profile of 16 requests: a decode step of 8 rows costs about "
+    "Where batch 8 loses on this CPU, from a profile of 16 requests (2026-11-25: one thread, the previous "
+    "checkpoint with 9 image tokens): a decode step of 8 rows costs about "
     "twice one row's (fp32 MKL GEMM at 8 rows on this AMD EPYC VM is far from the free ride of a "
     "memory-bound step), and the prompts' prefill is compute-bound, only about 2.7x cheaper per token "
     "batched; with short answers (6.75 tokens on average) prefill is a third of the batch-1 time. Two "
@@ -121,15 +123,15 @@ def report(timings: Timings, arms: dict[int, Arm], args) -> str:
         "Brackets: interquartile range over repetitions.",
         "",
         f"Setup: {args.device.upper()} ({platform.machine()}, torch threads: {torch.get_num_threads()}), torch "
-        f"{torch.__version__}. The 2 cores are shared with other work. {load_note([timings], MAX_FOREIGN)}",
+        f"{torch.__version__}. {load_note([timings], MAX_FOREIGN)}",
         "",
         "| batch size | answer tokens | time (median) | tokens/s | tokens per CPU second |",
         "|---|---|---|---|---|",
         *table,
         "",
         f"Batch {large} over batch {small}: **{ratio:.2f}x** [{q1:.2f}, {q3:.2f}] the tokens/s (median of "
-        f"per-repetition ratios); target at least {TARGET:g}x: {verdict}. Per CPU second of this process (one "
-        f"thread, so time spent waiting for a core is left out): {cpu[large] / cpu[small]:.2f}x. {same:.0%} of the "
+        f"per-repetition ratios); target at least {TARGET:g}x: {verdict}. Per CPU second of this process (all its "
+        f"threads; time spent waiting for a core is left out): {cpu[large] / cpu[small]:.2f}x. {same:.0%} of the "
         f"batch-{large} answers are identical to the batch-{small} ones.",
         "",
         NOTES,
