@@ -196,7 +196,7 @@ def test_paragraphs_are_cut_at_the_sentence_end_nearest_the_middle_of_the_longes
     assert split_paragraphs([text], 2) == ["One is red. Two is blue!", "Three is green? Four is pink."]
     # the longest paragraph is cut first
     assert split_paragraphs(["A b. C d.", text], 3) == ["A b. C d.", "One is red. Two is blue!", "Three is green? Four is pink."]
-    assert split_paragraphs(["A. B.", "No sentence end"], 5) == ["A.", "B.", "No sentence end"]
+    assert split_paragraphs(["A. B.", "No sentence end. "], 5) == ["A.", "B.", "No sentence end. "]
     assert split_paragraphs([text], 1) == [text]
 
 

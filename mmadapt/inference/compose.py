@@ -66,7 +66,7 @@ CAPTION_EXAMPLES = (  # (paragraph, caption) turns shown before each caption req
 )
 _PLACEHOLDER = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
 _BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")  # between two sentences
 
 
 @dataclass(frozen=True)
