@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import mmadapt
 from mmadapt.cli import main
-from mmadapt.data.tokenize import IGNORE_INDEX, encode_conversation
+from mmadapt.data.tokenize import IGNORE_INDEX, encode_prompt
 from mmadapt.errors import InputError
 from mmadapt.inference import article
 from mmadapt.inference.chat import ChatSession
@@ -33,7 +33,7 @@ from mmadapt.inference.compose import (
     parse_positions,
     split_paragraphs,
 )
-from mmadapt.inference.rank import ClipRanker, read_image
+from mmadapt.inference.rank import ClipRanker, LikelihoodRanker, description_start, read_image
 from tests.helpers import REPO, SHAPES, run_train, shapes_subset, tiny_overrides
 
 # An untied output head makes the text depend on the prompt (see tests/test_chat.py).
@@ -107,21 +107,21 @@ def test_same_seed_same_article_another_seed_another_and_the_callers_rng_untouch
 
 
 def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path) -> float:
-    """- (mean caption cross-entropy) x (labelled tokens), one image at a time through the model's loss."""
+    """- (mean cross-entropy of the caption's words as the answer's start) x (their tokens),
+    one image at a time through the model's loss."""
     model = session.model
     encoder = model.encoders["image"]
-    messages = [
-        {"role": "user", "content": "<image>\nDescribe the picture."}, {"role": "assistant", "content": caption},
-    ]
-    encoded = encode_conversation(model.tokenizer, messages, encoder.num_tokens, session.system_prompt)
-    labels = torch.tensor([encoded["labels"]])
+    question = [{"role": "user", "content": "<image>\nDescribe the picture."}]
+    prompt = encode_prompt(model.tokenizer, question, encoder.num_tokens, session.system_prompt)
+    words = model.tokenizer(caption.rstrip(".!? "), add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + words])
     pixels = encoder.preprocess(read_image(image_path))[None]
     with torch.no_grad():
-        loss = model(torch.tensor([encoded["input_ids"]]), images=pixels, labels=labels).loss
-    return -float(loss) * int((labels[:, 1:] != IGNORE_INDEX).sum())
+        loss = model(torch.tensor([prompt + words]), images=pixels, labels=labels).loss
+    return -float(loss) * len(words)
 
 
-def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_log_likelihood(
+def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_start_log_likelihood(
     session, candidates, tmp_path
 ):
     decisions = _compose(session, candidates, tmp_path / "article", num_images=2, outline=OUTLINE, batch_size=2)
@@ -135,6 +135,15 @@ def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_log_
             assert slot["scores"][name] == pytest.approx(direct[name], rel=1e-5, abs=1e-3)
         assert slot["image"] == max(direct, key=direct.get) and slot["score"] == max(slot["scores"].values())
         used.add(slot["image"])
+
+
+def test_a_caption_is_scored_as_the_start_of_an_answer_without_its_closing_punctuation(session, candidates):
+    ranker = LikelihoodRanker(session.model, session.system_prompt)
+    images = [read_image(candidates / name) for name in CANDIDATES[:3]]
+    assert ranker.scores("A red circle.", images) == ranker.scores("A red circle", images)
+    assert ranker.scores("A red circle.", images) != ranker.scores("A red", images)
+    assert description_start("Is it red? ") == "Is it red"
+    assert description_start("...") == "..."
 
 
 def test_reference_images_join_the_instruction(session, candidates, tmp_path):
