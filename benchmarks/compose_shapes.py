@@ -54,6 +54,28 @@ TASKS = [
         "num_images": 2,
         "max_new_tokens": 128,  # the whole article
     },
+    # added 2026-11-26 (before running them) so every colour-shape pair is asked for and the
+    # rate rests on ~20 slots instead of 9
+    {
+        "instruction": ARTICLE,
+        "outline": ["The yellow circle [image]", "The red triangle [image]", "The green square [image]"],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a blue square and one about a green "
+        "circle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a red circle and one about a yellow "
+        "triangle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
 ]
 
 

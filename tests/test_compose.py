@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 import mmadapt
 from mmadapt.cli import main
-from mmadapt.data.tokenize import IGNORE_INDEX, encode_prompt
+from mmadapt.data.tokenize import IGNORE_INDEX, encode_conversation, encode_prompt
 from mmadapt.errors import InputError
 from mmadapt.inference import article
 from mmadapt.inference.chat import ChatSession
@@ -106,19 +106,26 @@ def test_same_seed_same_article_another_seed_another_and_the_callers_rng_untouch
     assert other["paragraphs"] != first["paragraphs"]
 
 
-def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path) -> float:
-    """- (mean cross-entropy of the caption's words as the answer's start) x (their tokens),
-    one image at a time through the model's loss."""
+def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path, closing_weight: float = 0.1) -> float:
+    """The ranker's score through the model's loss, one image at a time: the caption's words
+    (scored as the start of the answer) plus ``closing_weight`` x the rest of the whole answer."""
     model = session.model
     encoder = model.encoders["image"]
     question = [{"role": "user", "content": "<image>\nDescribe the picture."}]
+    pixels = encoder.preprocess(read_image(image_path))[None]
+
+    def log_likelihood(input_ids: list[int], labels: list[int]) -> float:
+        labels = torch.tensor([labels])
+        with torch.no_grad():
+            loss = model(torch.tensor([input_ids]), images=pixels, labels=labels).loss
+        return -float(loss) * int((labels[:, 1:] != IGNORE_INDEX).sum())
+
     prompt = encode_prompt(model.tokenizer, question, encoder.num_tokens, session.system_prompt)
     words = model.tokenizer(caption.rstrip(".!? "), add_special_tokens=False)["input_ids"]
-    labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + words])
-    pixels = encoder.preprocess(read_image(image_path))[None]
-    with torch.no_grad():
-        loss = model(torch.tensor([prompt + words]), images=pixels, labels=labels).loss
-    return -float(loss) * len(words)
+    start = log_likelihood(prompt + words, [IGNORE_INDEX] * len(prompt) + words)
+    answer = [*question, {"role": "assistant", "content": caption}]
+    whole = encode_conversation(model.tokenizer, answer, encoder.num_tokens, session.system_prompt)
+    return start + closing_weight * (log_likelihood(whole["input_ids"], whole["labels"]) - start)
 
 
 def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_start_log_likelihood(
@@ -137,11 +144,16 @@ def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_star
         used.add(slot["image"])
 
 
-def test_a_caption_is_scored_as_the_start_of_an_answer_without_its_closing_punctuation(session, candidates):
-    ranker = LikelihoodRanker(session.model, session.system_prompt)
+def test_the_tokens_closing_a_caption_count_with_their_weight(session, candidates):
     images = [read_image(candidates / name) for name in CANDIDATES[:3]]
-    assert ranker.scores("A red circle.", images) == ranker.scores("A red circle", images)
-    assert ranker.scores("A red circle.", images) != ranker.scores("A red", images)
+    words_only = LikelihoodRanker(session.model, session.system_prompt, closing_weight=0.0)
+    assert words_only.scores("A red circle.", images) == pytest.approx(words_only.scores("A red circle", images))
+    assert words_only.scores("A red circle.", images) != pytest.approx(words_only.scores("A red", images))
+    whole = LikelihoodRanker(session.model, session.system_prompt, closing_weight=1.0)
+    for image, score in zip(CANDIDATES[:3], whole.scores("A red circle.", images)):
+        assert score == pytest.approx(_direct_log_likelihood(session, "A red circle.", candidates / image, 1.0), rel=1e-5)
+    with pytest.raises(InputError, match="closing_weight"):
+        LikelihoodRanker(session.model, closing_weight=2.0)
     assert description_start("Is it red? ") == "Is it red"
     assert description_start("...") == "..."
 
