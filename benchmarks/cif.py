@@ -33,7 +33,9 @@ from mmadapt.encoders.cif import cif
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## CIF"
-BATCH, FRAMES, WIDTH = 8, 1500, 512  # 30 s of Whisper frames (50 Hz) per row, a Whisper-base width
+FRAMES, WIDTH = 1500, 512  # 30 s of Whisper frames (50 Hz) per row, a Whisper-base width
+# The loop costs one Python step per frame whatever the batch; ours reads all B·T·D numbers once
+BATCHES = (1, 8)
 # alphas ~ U(0, 2·mean): 0.1 is ~5 text tokens per second of speech at 50 Hz; 0.5 is a dense stress case
 ALPHA_MEANS = (0.1, 0.5)
 TARGET = 50.0  # required speed-up of the forward pass
@@ -66,6 +68,7 @@ def integrate_loop(
 
 @dataclass
 class Result:
+    batch: int
     alpha_mean: float
     tokens: int  # tokens per row, mean
     max_abs_diff: float  # float64 agreement
@@ -83,15 +86,17 @@ class Result:
         return median_iqr(paired_ratios(times["loop"], times["ours"]))
 
 
-def inputs(alpha_mean: float, generator: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = torch.randn(BATCH, FRAMES, WIDTH, generator=generator, dtype=dtype)
-    alphas = 2 * alpha_mean * torch.rand(BATCH, FRAMES, generator=generator, dtype=dtype)
+def inputs(
+    batch: int, alpha_mean: float, generator: torch.Generator, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = torch.randn(batch, FRAMES, WIDTH, generator=generator, dtype=dtype)
+    alphas = 2 * alpha_mean * torch.rand(batch, FRAMES, generator=generator, dtype=dtype)
     return hidden, alphas
 
 
-def check_agreement(alpha_mean: float) -> tuple[int, float]:
+def check_agreement(batch: int, alpha_mean: float) -> tuple[int, float]:
     """Both implementations in float64 on the benchmark's inputs: (mean tokens per row, max |diff|)."""
-    hidden, alphas = inputs(alpha_mean, torch.Generator().manual_seed(0), torch.float64)
+    hidden, alphas = inputs(batch, alpha_mean, torch.Generator().manual_seed(0), torch.float64)
     ours, ours_lengths = cif(hidden, alphas)
     loop, loop_lengths = integrate_loop(hidden, alphas)
     if not torch.equal(ours_lengths, loop_lengths):
@@ -110,17 +115,17 @@ def forward_backward(
     return step
 
 
-def measure(alpha_mean: float, reps: int, train_reps: int) -> Result:
-    tokens, diff = check_agreement(alpha_mean)
-    hidden, alphas = inputs(alpha_mean, torch.Generator().manual_seed(0), torch.float32)
+def measure(batch: int, alpha_mean: float, reps: int, train_reps: int) -> Result:
+    tokens, diff = check_agreement(batch, alpha_mean)
+    hidden, alphas = inputs(batch, alpha_mean, torch.Generator().manual_seed(0), torch.float32)
     hidden.requires_grad_()
     alphas.requires_grad_()
-    upstream = torch.randn(BATCH, FRAMES, WIDTH)
+    upstream = torch.randn(batch, FRAMES, WIDTH)
     impls = {"loop": integrate_loop, "ours": cif}
     forward = {name: lambda fn=fn: torch.no_grad()(fn)(hidden, alphas) for name, fn in impls.items()}
     train = {name: forward_backward(fn, hidden, alphas, upstream) for name, fn in impls.items()}
     return Result(
-        alpha_mean, tokens, diff,
+        batch, alpha_mean, tokens, diff,
         time_interleaved(forward, reps, warmup=2, max_foreign=MAX_FOREIGN),
         time_interleaved(train, train_reps, warmup=1, max_foreign=MAX_FOREIGN),
     )
@@ -128,12 +133,12 @@ def measure(alpha_mean: float, reps: int, train_reps: int) -> Result:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| alpha mean | tokens / row | float64 max abs diff | loop fwd | ours fwd | speed-up fwd | "
+        "| batch | alpha mean | tokens / row | float64 max abs diff | loop fwd | ours fwd | speed-up fwd | "
         "loop fwd+bwd | ours fwd+bwd | speed-up fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
-        cells = [f"{res.alpha_mean}", str(res.tokens), f"{res.max_abs_diff:.1e}"]
+        cells = [str(res.batch), f"{res.alpha_mean}", str(res.tokens), f"{res.max_abs_diff:.1e}"]
         for mode in ("fwd", "fwd+bwd"):
             median, q1, q3 = res.speedup(mode)
             cells += [f"{res.ms(mode, 'loop'):.1f} ms", f"{res.ms(mode, 'ours'):.2f} ms"]
@@ -143,9 +148,11 @@ def table(results: list[Result]) -> str:
 
 
 def verdict(results: list[Result]) -> str:
-    worst = min(res.speedup("fwd")[0] for res in results)
-    status = "met" if worst >= TARGET else "MISSED"
-    return f"Target: forward >= {TARGET:.0f}x faster than the loop: {status} (worst {worst:.0f}x)."
+    lines = [f"Target: forward >= {TARGET:.0f}x faster than the loop"]
+    for batch in BATCHES:
+        worst = min(res.speedup("fwd")[0] for res in results if res.batch == batch)
+        lines.append(f"- batch {batch}: {'met' if worst >= TARGET else 'MISSED'} (worst {worst:.0f}x)")
+    return "\n".join(lines)
 
 
 def section(results: list[Result], args: argparse.Namespace) -> str:
@@ -160,7 +167,7 @@ repetitions, interleaved; speed-ups are medians of per-repetition ratios, bracke
 interquartile range).
 
 Setup: fp32, CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__};
-batch {BATCH} x {FRAMES} frames (30 s of Whisper's 50 Hz frames) x width {WIDTH}; alphas uniform in
+batch {" and ".join(map(str, BATCHES))} x {FRAMES} frames (30 s of Whisper's 50 Hz frames) x width {WIDTH}; alphas uniform in
 [0, 2·mean), no padding; threshold 1. Mean 0.1 is speech-like (~5 text tokens per second);
 0.5 is a dense stress case. fwd+bwd backpropagates a random projection of the tokens to both
 hidden and alphas. Agreement: both implementations run in float64 on the same inputs give equal
@@ -169,6 +176,19 @@ token counts, tokens within the "max abs diff" column. {load_note([t for res in 
 {table(results)}
 
 {verdict(results)}
+
+Why the batch decides it: the loop's cost is {FRAMES} Python steps of tiny tensor ops, nearly the
+same at batch 1 and 8, while `cif` reads every one of the B·T·D numbers of `hidden`, so its time
+grows with the batch and the ratio falls. At batch 8 (24.6 MB of frames) the `embedding_bag` is
+most of it: about 1.6x a plain `hidden.sum(0)` on the same two threads (a read at memory speed),
+and the ~40 index ops that list the band add ~0.5–1 ms. More tensor ops cannot remove either;
+only a fused kernel (C++ or a compiler) could approach a single read, ~60–90x here. Tried on
+2026-11-26 and dropped: a two-pass form (each frame weighted once into the token it starts in,
+plus the frame that crosses into each token gathered separately) avoids `repeat_interleave`
+but reads the crossing frames again after the bag pass has evicted them from cache, and was
+slower in an A/B in one process (32x against 37x at mean 0.1, 16x against 28x at 0.5). The
+loop's own time moves by ±30 % between runs on this VM, which moves the batch-8 ratio across
+30–50x; the batch-1 rows are far from that edge.
 """
 
 
@@ -187,7 +207,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(2)
-    results = [measure(mean, args.reps, args.train_reps) for mean in ALPHA_MEANS]
+    results = [measure(batch, mean, args.reps, args.train_reps) for batch in BATCHES for mean in ALPHA_MEANS]
     print(table(results))
     print(verdict(results))
     print(load_note([t for res in results for t in (res.forward, res.train)], MAX_FOREIGN))
