@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -372,8 +374,8 @@ class MultimodalLM(nn.Module):
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
                 use_cache=cache is not None,
+                **{_cache_argument(type(self.llm)): cache},
                 logits_to_keep=1,  # only the last position chooses a token: no [B, T, V] prompt logits
             )
         return out.logits[:, -1].float()
@@ -385,6 +387,15 @@ class MultimodalLM(nn.Module):
         for name, param in self.named_parameters():
             groups[_group_of(name)][name] = param
         return groups
+
+
+
+@functools.cache
+def _cache_argument(llm_class: type) -> str:
+    """The KV cache's keyword in ``llm_class.forward``: ``cache``, or ``past_key_values`` before
+    transformers renamed it (5.17 has the old name and silently ignores an unknown ``cache=``,
+    so every cached step would see only its own token)."""
+    return "cache" if "cache" in inspect.signature(llm_class.forward).parameters else "past_key_values"
 
 
 def _group_of(name: str) -> str:
