@@ -18,8 +18,8 @@ non-zeros per row. They are listed with tensor ops as (token, frame, weight) tri
 already ordered by token, and ``F.embedding_bag(mode="sum", per_sample_weights=w)``
 computes every weighted sum in one fused, differentiable gather-and-add (one bag per
 output token, empty for padding). The cumulative sum and the weights are computed in
-float64, so 100k-frame inputs do not drift, then cast to ``hidden``'s dtype for the sum;
-gradients reach both ``hidden`` and ``alphas`` (through ``w``).
+float64, so 100k-frame inputs do not drift, then cast to ``hidden``'s dtype for the sum
+(float32 for 16-bit frames); gradients reach both ``hidden`` and ``alphas`` (through ``w``).
 """
 
 from __future__ import annotations
@@ -87,10 +87,13 @@ def cif(
     weight = torch.minimum(above, k + 1).sub_(torch.maximum(below, k)).clamp_min_(0)  # -1 ulp at most
     if threshold != 1:
         weight.mul_(threshold)
+    # 16-bit frames are summed in float32: more exact, and CUDA has no bf16 backward to the weights
+    summed = torch.float32 if hidden.dtype in (torch.bfloat16, torch.float16) else hidden.dtype
     tokens = F.embedding_bag(
-        frame, hidden.reshape(batch * time, width), offsets, mode="sum", per_sample_weights=weight.to(hidden.dtype)
+        frame, hidden.reshape(batch * time, width).to(summed), offsets, mode="sum",
+        per_sample_weights=weight.to(summed),
     )
-    return tokens.view(batch, n_max, width), lengths
+    return tokens.view(batch, n_max, width).to(hidden.dtype), lengths
 
 
 def _token_counts(total: torch.Tensor, tail: float | None) -> torch.Tensor:
