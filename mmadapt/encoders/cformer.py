@@ -28,6 +28,8 @@ whole token, which keeps the count exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from dataclasses import dataclass
 
@@ -121,6 +123,12 @@ class CFormer(nn.Module):
             InputError: a row has no real frame, or a target length is below 1.
         """
         _check(hidden, frame_mask, target_lengths)
+        with _unfused_layers():
+            return self._segment(hidden, frame_mask, target_lengths)
+
+    def _segment(
+        self, hidden: torch.Tensor, frame_mask: torch.Tensor, target_lengths: torch.Tensor | None
+    ) -> CifOutput:
         x = self._pre_cif(hidden, frame_mask)  # (B, T, W)
         # alphas in fp32 whatever the layers' dtype: they decide token boundaries
         alphas = torch.sigmoid(self.alpha_head(x).squeeze(-1).float()).masked_fill(~frame_mask, 0.0)  # (B, T)
@@ -161,6 +169,22 @@ def quantity_loss(alpha_sum: torch.Tensor, target_lengths: torch.Tensor, thresho
         raise InputError(f"quantity loss: target lengths must be >= 1, got {target_lengths.tolist()}")
     targets = target_lengths.to(alpha_sum.dtype)
     return ((alpha_sum / threshold - targets).abs() / targets).mean()
+
+
+@contextmanager
+def _unfused_layers() -> Iterator[None]:
+    """Keep ``nn.TransformerEncoderLayer`` off its fused inference kernel.
+
+    Under no_grad that kernel ran the CFormer's layers into "misaligned address" and
+    CUBLAS_STATUS_INTERNAL_ERROR on an H100 (torch 2.11, bf16 and fp32, with padding
+    masks); the plain path computes the same layer.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _layer(cfg: CFormerConfig) -> nn.TransformerEncoderLayer:
