@@ -94,12 +94,14 @@ def one_thread():
 NEAR_TIE = 1e-4  # top-2 logit gap below which two greedy decodings may rightly part ways
 
 
-def assert_same_greedy(model, item: dict, expected: list[int], actual: list[int], what: str) -> None:
+def assert_same_greedy(
+    model, item: dict, expected: list[int], actual: list[int], what: str, near_tie: float = NEAR_TIE
+) -> None:
     """Two greedy decodings of one prompt agree token for token, or part at a near-tie.
 
     ``item`` is the prompt as a ``prompt_item`` dict and ``expected`` the reference decoding.
     Where they first differ, the reference's logits there (one forward over the prompt and
-    the tokens both chose before) must have a top-2 gap below :data:`NEAR_TIE`; such a
+    the tokens both chose before) must have a top-2 gap below ``near_tie``; such a
     step is reported with a warning, anything else fails naming the gap.
     """
     import warnings
@@ -122,7 +124,7 @@ def assert_same_greedy(model, item: dict, expected: list[int], actual: list[int]
         top2 = model(**inputs).logits[0, -1].float().topk(2).values
     gap = float(top2[0] - top2[1])
     detail = f"{what}: decodings part at step {step} (top-2 logit gap {gap:.2e}): {expected} vs {actual}"
-    assert gap < NEAR_TIE, detail
+    assert gap < near_tie, detail
     warnings.warn(f"near-tie, accepted: {detail}", stacklevel=2)
 
 
