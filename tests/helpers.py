@@ -23,6 +23,27 @@ TINY = [
 ]
 
 
+def tiny_model_with_live_adapters():
+    """The tiny preset in eval mode with every PLoRA B random: B starts at zero, which would
+    hide the adapters from a test of what they change. The output head is untied so that
+    greedy answers depend on the input (see tests/test_chat.py)."""
+    import torch
+
+    import mmadapt
+    from mmadapt.adapters import adapter_parameters
+
+    cfg = mmadapt.load_config(
+        REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", "model.llm.config.tie_word_embeddings=false"]
+    )
+    model = mmadapt.build_model(cfg).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in adapter_parameters(model.llm).items():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model
+
+
 def shapes_subset(folder: Path, n_train: int = 32, n_test: int = 8) -> dict[str, Path]:
     """Write the first records of the shapes splits to ``folder`` with absolute image paths."""
     return _subset(SHAPES, "images", folder, n_train, n_test)

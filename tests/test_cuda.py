@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import mmadapt
-from mmadapt.adapters import adapter_parameters
 from mmadapt.data.collate import Collator
 from mmadapt.data.tokenize import encode_prompt
 from mmadapt.encoders.cif import cif
 from mmadapt.evaluate import generation_inputs
 from mmadapt.inference.prompts import load_image, prompt_item
 from tests.helpers import (
-    REPO, SHAPES, assert_same_greedy, free_port, metrics, run_train, shapes_subset, speech_subset, tiny_overrides,
+    SHAPES, assert_same_greedy, free_port, metrics, run_train, shapes_subset, speech_subset, tiny_model_with_live_adapters,
+    tiny_overrides,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,17 +35,7 @@ NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 0.1}
 
 
 def _tiny(dtype: torch.dtype) -> mmadapt.MultimodalLM:
-    """The tiny preset on the GPU with non-zero adapters (PLoRA's B starts at zero)."""
-    cfg = mmadapt.load_config(
-        REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", "model.llm.config.tie_word_embeddings=false"]
-    )
-    model = mmadapt.build_model(cfg).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in adapter_parameters(model.llm).items():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    return model.to(CUDA, dtype)
+    return tiny_model_with_live_adapters().to(CUDA, dtype)
 
 
 def _prompts(model: mmadapt.MultimodalLM) -> dict[str, dict]:

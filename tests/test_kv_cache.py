@@ -12,15 +12,12 @@ import pytest
 import torch
 
 import mmadapt
-from mmadapt.adapters import adapter_parameters
 from mmadapt.data.collate import Collator
 from mmadapt.data.tokenize import encode_prompt
 from mmadapt.evaluate import generation_inputs
 from mmadapt.inference.prompts import load_image, prompt_item
-from tests.helpers import REPO, SHAPES, assert_same_greedy, one_thread  # noqa: F401 (fixture)
+from tests.helpers import SHAPES, assert_same_greedy, one_thread, tiny_model_with_live_adapters  # noqa: F401
 
-# An untied output head makes greedy answers depend on the input (see tests/test_chat.py).
-UNTIED = "model.llm.config.tie_word_embeddings=false"
 MAX_NEW_TOKENS = 16
 PROMPTS = {
     "image": ("<image>\nDescribe the picture.", 1, 0),
@@ -32,14 +29,7 @@ PROMPTS = {
 
 @pytest.fixture(scope="module")
 def model(one_thread) -> mmadapt.MultimodalLM:
-    cfg = mmadapt.load_config(REPO / "configs" / "xcomposer.yaml", ["model=models/tiny.yaml", UNTIED])
-    model = mmadapt.build_model(cfg).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in adapter_parameters(model.llm).items():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    return model
+    return tiny_model_with_live_adapters()
 
 
 @pytest.fixture(scope="module")
