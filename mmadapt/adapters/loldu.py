@@ -90,15 +90,17 @@ class LoLDU(Adapter):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
 
     def _diagonal(self) -> torch.Tensor:  # (r,)
-        # Both products use the same operands at init, so the difference is exactly zero.
-        return self.sigma * self.z - self.sigma0 * self.pivots
+        # Both products use the same operands at init, so the difference is exactly zero; under
+        # DeepSpeed's bf16 z is bf16 while the buffers stay fp32, hence the pivots in z's rounding.
+        return self.sigma * self.z - self.sigma0 * self.pivots.to(self.z.dtype)
 
     def _permuted_lower(self) -> torch.Tensor:  # P L_r, (out, r)
         return self.lower.index_select(0, self.perm)
 
     def forward(self, x_rows: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
-        hidden = self.dropout(x_rows) @ self.upper.T  # (N, r)
-        return (hidden * self._diagonal()) @ self._permuted_lower().T
+        dtype = x_rows.dtype  # the frozen factors are buffers, which DeepSpeed's bf16 leaves fp32
+        hidden = self.dropout(x_rows) @ self.upper.to(dtype).T  # (N, r)
+        return (hidden * self._diagonal().to(dtype)) @ self._permuted_lower().to(dtype).T
 
     def delta_weight(self) -> torch.Tensor:
         return (self._permuted_lower() * self._diagonal()) @ self.upper

@@ -69,21 +69,24 @@ def spec(name: str, modalities: tuple[str, ...] = ("image",), targets: list[str]
     return {**BATTERY_SPECS[name], "modalities": list(modalities), "targets": targets}
 
 
-def injected(name: str, modalities: tuple[str, ...] = ("image",), randomize: bool = True) -> nn.Module:
-    """The tiny Llama (seed 0) with ``name`` on every projection; adapter values randomized unless told not to."""
+def injected(
+    name: str, modalities: tuple[str, ...] = ("image",), randomize: bool = True, std: float = 0.2
+) -> nn.Module:
+    """The tiny Llama (seed 0) with ``name`` on every projection; adapter values randomized
+    (normal, ``std``) unless told not to."""
     model = tiny_causal_lm()
     inject(model, [spec(name, modalities)])
     if randomize:
-        randomize_adapters(model)
+        randomize_adapters(model, std=std)
     return model
 
 
-def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
+def randomize_adapters(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
     """Move every adapter parameter off its (often zero) init, as training would."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for param in adapter_parameters(model).values():
-            nn.init.normal_(param, std=0.2)
+            nn.init.normal_(param, std=std)
 
 
 @contextlib.contextmanager
@@ -255,6 +258,49 @@ def test_only_the_adapters_own_parameters_train(name):
         model(input_ids=TOKENS, labels=TOKENS).loss.backward()
     assert [n for n, p in base_params.items() if p.grad is not None] == []
     assert [n for n, p in trained.items() if p.grad is None or not p.grad.any()] == []
+
+
+
+
+# Adapter size for the bf16 check: at the battery's 0.2 the random deltas dwarf the 32-wide
+# base weights, and bf16 arithmetic moves such logits by up to 20 % (PLoRA, scale 8).
+STD_BF16 = 0.05
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_parameters_train_like_fp32(name):
+    """DeepSpeed's bf16 mode casts the parameters and leaves float buffers in fp32: every
+    variant must run forward and backward so, and differ from fp32 arithmetic on the same
+    (bf16-representable) values by about what bf16 arithmetic costs the base model."""
+
+    def rounded(low_precision: bool) -> nn.Module:
+        model = injected(name, std=STD_BF16).train()
+        freeze_base(model)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.to(torch.bfloat16)
+                if not low_precision:
+                    param.data = param.data.float()
+        return model
+
+    def relative_error(low: torch.Tensor, exact: torch.Tensor) -> float:
+        return float((low.float() - exact).norm() / exact.norm())
+
+    results = []
+    for model in (rounded(False), rounded(True)):
+        with active(model, IMAGE_IDS):
+            out = model(input_ids=TOKENS).logits
+        out.float().square().mean().backward()
+        results.append((out.detach().float(), {n: p.grad for n, p in adapter_parameters(model).items()}))
+    (exact_out, exact_grads), (low_out, low_grads) = results
+    assert all(grad.dtype == torch.bfloat16 for grad in low_grads.values())
+    base = tiny_causal_lm()
+    with torch.no_grad():
+        exact_base = base(input_ids=TOKENS).logits
+        base_error = relative_error(base.to(torch.bfloat16)(input_ids=TOKENS).logits, exact_base)
+    assert relative_error(low_out, exact_out) < 3 * base_error
+    worst = max(exact_grads, key=lambda n: relative_error(low_grads[n], exact_grads[n]))
+    assert relative_error(low_grads[worst], exact_grads[worst]) < 0.1, worst
 
 
 # ---- 8: stacking ------------------------------------------------------------------------

@@ -41,6 +41,16 @@ def test_delta_is_exactly_zero_at_init():
     assert torch.equal(adapter(torch.randn(5, 16)), torch.zeros(5, 40))
 
 
+def test_delta_is_exactly_zero_at_init_with_bf16_parameters_and_fp32_buffers():
+    """DeepSpeed's bf16 mode: z is rounded to bf16, the pivots buffer stays fp32."""
+    _, adapter = _adapter(40, 16, r=8)
+    for param in adapter.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    assert adapter.pivots.dtype == torch.float32 and not torch.equal(adapter.z.float(), adapter.pivots)
+    rows = torch.randn(5, 16, dtype=torch.bfloat16)
+    assert torch.equal(adapter(rows), torch.zeros(5, 40, dtype=torch.bfloat16))
+
+
 def test_delta_weight_matches_projected_form_and_forward():
     _, adapter = _adapter(16, 40, r=6, alpha=3.0)
     _move(adapter)
