@@ -389,7 +389,6 @@ class MultimodalLM(nn.Module):
         return groups
 
 
-
 @functools.cache
 def _cache_argument(llm_class: type) -> str:
     """The KV cache's keyword in ``llm_class.forward``: ``cache``, or ``past_key_values`` before

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-
 from dataclasses import dataclass
 
 import torch
