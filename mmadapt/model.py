@@ -17,8 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +29,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .encoders.cformer import quantity_loss as cif_quantity_loss
+from .compat import cache_argument
 from .errors import InputError
 from .losses import (
     IGNORE,
@@ -375,7 +374,7 @@ class MultimodalLM(nn.Module):
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=cache is not None,
-                **{_cache_argument(type(self.llm)): cache},
+                **{cache_argument(type(self.llm)): cache},
                 logits_to_keep=1,  # only the last position chooses a token: no [B, T, V] prompt logits
             )
         return out.logits[:, -1].float()
@@ -387,14 +386,6 @@ class MultimodalLM(nn.Module):
         for name, param in self.named_parameters():
             groups[_group_of(name)][name] = param
         return groups
-
-
-@functools.cache
-def _cache_argument(llm_class: type) -> str:
-    """The KV cache's keyword in ``llm_class.forward``: ``cache``, or ``past_key_values`` before
-    transformers renamed it (5.17 has the old name and silently ignores an unknown ``cache=``,
-    so every cached step would see only its own token)."""
-    return "cache" if "cache" in inspect.signature(llm_class.forward).parameters else "past_key_values"
 
 
 def _group_of(name: str) -> str:

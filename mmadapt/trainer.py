@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .adapters import adapters_of
+from .compat import set_activation_checkpointing
 from .config import Config, TrainConfig
 from .data.collate import Collator
 from .errors import InputError
@@ -58,7 +59,7 @@ class Trainer:
         groups = self._set_trainable()
         n_trainable = sum(p.numel() for g in groups.values() for p in g.values())
         if self.cfg.train.gradient_checkpointing:
-            self.model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(self.model.llm, use_reentrant=False)
         optimizer = self._optimizer(groups)
         self.lr_cycle = self.hooks.lr_cycle()
         factor = functools.partial(lr_factor, train=self.cfg.train, cycle=self.lr_cycle)

@@ -5,6 +5,7 @@ import torch
 
 import mmadapt
 from mmadapt.adapters import adapter_parameters
+from mmadapt.compat import set_activation_checkpointing
 from mmadapt.errors import InputError
 from tests.helpers import REPO
 
@@ -69,7 +70,7 @@ def test_frozen_llm_and_encoder_with_checkpointing_still_train_adapters(model, r
     model.train()
     batch = _batch()
     reference = _adapter_grads(model, batch)
-    model.llm.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    set_activation_checkpointing(model.llm, use_reentrant=reentrant)
     checkpointed = _adapter_grads(model, batch)
     for name in reference:
         torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)

@@ -35,6 +35,7 @@ from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from mmadapt.compat import set_activation_checkpointing
 from mmadapt.errors import InputError
 
 # Small random encoder used when the preset gives no `whisper` overrides.
@@ -169,10 +170,7 @@ class SpeechEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the encoder layers on or off."""
-        if enable:
-            self.encoder.activation_checkpointing_enable()
-        else:
-            self.encoder.activation_checkpointing_disable()
+        set_activation_checkpointing(self.encoder, enable)
 
 
 def build_speech_encoder(cfg: SpeechConfig) -> SpeechEncoder:

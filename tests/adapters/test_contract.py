@@ -29,6 +29,7 @@ from mmadapt.adapters import (
     modality_ids,
     unmerge,
 )
+from mmadapt.compat import set_activation_checkpointing
 from mmadapt.errors import InputError
 from mmadapt.modality import IMAGE, TEXT
 from tests.conftest import tiny_causal_lm
@@ -236,7 +237,7 @@ def test_gradient_checkpointing_gives_same_adapter_grads(name, reentrant):
     model = injected(name).train()
     freeze_base(model)
     reference = adapter_grads(model)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    set_activation_checkpointing(model, use_reentrant=reentrant)
     checkpointed = adapter_grads(model)
     assert checkpointed.keys() == reference.keys()
     assert all(grad.any() for grad in reference.values())

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mmadapt.adapters import adapter_parameters, disable_adapters, inject, modality_ids
+from mmadapt.compat import set_activation_checkpointing
 from mmadapt.modality import IMAGE, TEXT
 from tests.conftest import tiny_causal_lm
 
@@ -82,7 +83,7 @@ def test_gradient_checkpointing_same_grads_with_frozen_base(reentrant):
     tokens = torch.randint(0, 97, (2, 10))
     ids = _image_ids()
     reference = _grads(model, tokens, ids, tokens)
-    model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+    set_activation_checkpointing(model, use_reentrant=reentrant)
     checkpointed = _grads(model, tokens, ids, tokens)
     assert reference.keys() == checkpointed.keys()
     for name in reference:

@@ -3,6 +3,7 @@ import torch
 
 from mmadapt.adapters import adapters_of, inject, parse_spec
 from mmadapt.adapters.prilora import PRILoRA
+from mmadapt.compat import set_activation_checkpointing
 from mmadapt.errors import InputError
 from mmadapt.hooks import StepContext
 from tests.adapters.hook_loop import adapted_lm, step_loss, text_logits, train
@@ -58,7 +59,7 @@ def test_checkpoint_recompute_counts_rows_once(reentrant):
     def counted(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = adapted_lm(SPEC)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            set_activation_checkpointing(model, use_reentrant=reentrant)
         step_loss(model, StepContext(step=0)).backward()
         return {name: adapter.input_sq_sum.clone() for name, adapter in adapters_of(model)}
 
