@@ -4,6 +4,7 @@ from torch import nn
 
 from mmadapt.adapters import adapter_parameters, adapters_of, disable_adapters, inject, merge, modality_ids, parse_spec
 from mmadapt.adapters.flora_batched import FloraBatched
+from mmadapt.compat import cache_argument
 from mmadapt.errors import InputError
 from mmadapt.modality import IMAGE, TEXT, example_adapters
 from tests.conftest import tiny_causal_lm
@@ -94,7 +95,7 @@ def test_generation_one_token_steps_match_per_example_runs(mode):
     with example_adapters(model, index):
         full = model(input_ids=tokens).logits[:, -1]
         cache = model(input_ids=tokens[:, :-1], use_cache=True).past_key_values
-        step = model(input_ids=tokens[:, -1:], cache=cache).logits[:, -1]  # every layer input is [B, 1, d]
+        step = model(input_ids=tokens[:, -1:], **{cache_argument(type(model)): cache}).logits[:, -1]  # [B, 1, d] inputs
         generated = model.generate(tokens, max_new_tokens=3, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
     for b in range(2):
