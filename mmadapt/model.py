@@ -28,8 +28,8 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .encoders.cformer import quantity_loss as cif_quantity_loss
 from .compat import cache_argument
+from .encoders.cformer import quantity_loss as cif_quantity_loss
 from .errors import InputError
 from .losses import (
     IGNORE,

@@ -44,6 +44,47 @@ def tiny_model_with_live_adapters():
     return model
 
 
+GREEDY_TOKENS = 16  # answer length of the generation tests
+GENERATION_PROMPTS = {  # kind: (user text, images, audios)
+    "image": ("<image>\nDescribe the picture.", 1, 0),
+    "speech": ("<speech>", 0, 1),
+    "text": ("Name three colours.", 0, 0),
+    "image+speech": ("<image>\n<speech>\nAnswer the question about the picture.", 1, 1),
+}
+
+
+def generation_prompts(model) -> dict[str, dict]:
+    """One ``prompt_item`` per kind of :data:`GENERATION_PROMPTS`: a shapes picture, 0.75 s of noise."""
+    import numpy as np
+    import torch
+
+    from mmadapt.data.tokenize import encode_prompt
+    from mmadapt.inference.prompts import load_image, prompt_item
+
+    image = load_image(model, SHAPES / "images" / "test-00000.png")
+    waveform = torch.from_numpy((0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32))
+    features = model.encoders["speech"].features(waveform)
+    image_tokens = model.encoders["image"].num_tokens
+    items = {}
+    for kind, (content, images, audios) in GENERATION_PROMPTS.items():
+        ids = encode_prompt(model.tokenizer, [{"role": "user", "content": content}], image_tokens, "")
+        items[kind] = prompt_item(kind, ids, [image] * images, [features] * audios)
+    return items
+
+
+def greedy(model, items: list[dict], use_cache: bool = True) -> list[list[int]]:
+    """Greedy answers of :data:`GREEDY_TOKENS` tokens to a left-padded batch, on the model's device."""
+    import torch
+
+    from mmadapt.data.collate import Collator
+    from mmadapt.evaluate import generation_inputs
+
+    device = next(model.parameters()).device
+    batch = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")(items))
+    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return model.generate(**inputs, max_new_tokens=GREEDY_TOKENS, use_cache=use_cache).tolist()
+
+
 def shapes_subset(folder: Path, n_train: int = 32, n_test: int = 8) -> dict[str, Path]:
     """Write the first records of the shapes splits to ``folder`` with absolute image paths."""
     return _subset(SHAPES, "images", folder, n_train, n_test)

@@ -11,51 +11,26 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import mmadapt
-from mmadapt.data.collate import Collator
-from mmadapt.data.tokenize import encode_prompt
 from mmadapt.encoders.cif import cif
-from mmadapt.evaluate import generation_inputs
-from mmadapt.inference.prompts import load_image, prompt_item
+from tests import helpers
 from tests.helpers import (
-    SHAPES, assert_same_greedy, free_port, metrics, run_train, shapes_subset, speech_subset, tiny_model_with_live_adapters,
-    tiny_overrides,
+    GREEDY_TOKENS, assert_same_greedy, free_port, generation_prompts, greedy, metrics, run_train, shapes_subset,
+    speech_subset, tiny_model_with_live_adapters, tiny_overrides,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
-MAX_NEW_TOKENS = 16
 # bf16 keeps 8 significant bits (logits of a few units are 1/64 apart) and the cache changes
 # the kernels' shapes: allow a few such steps
-NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 0.1}
+NEAR_TIE = {torch.float32: helpers.NEAR_TIE, torch.bfloat16: 0.1}
 
 
 def _tiny(dtype: torch.dtype) -> mmadapt.MultimodalLM:
     return tiny_model_with_live_adapters().to(CUDA, dtype)
-
-
-def _prompts(model: mmadapt.MultimodalLM) -> dict[str, dict]:
-    image = load_image(model, SHAPES / "images" / "test-00000.png")
-    waveform = torch.from_numpy((0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32))
-    speech = model.encoders["speech"].features(waveform)
-    asks = {"image": ("<image>\nDescribe the picture.", [image], []), "speech": ("<speech>", [], [speech]),
-            "text": ("Name three colours.", [], [])}
-    slots = model.encoders["image"].num_tokens
-    return {
-        kind: prompt_item(kind, encode_prompt(model.tokenizer, [{"role": "user", "content": ask}], slots, ""), images, audios)
-        for kind, (ask, images, audios) in asks.items()
-    }
-
-
-def _greedy(model: mmadapt.MultimodalLM, item: dict, use_cache: bool) -> list[int]:
-    batch = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")([item]))
-    inputs = {key: value.to(CUDA) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, use_cache=use_cache)[0].tolist()
 
 
 def test_text_only_input_is_the_base_llm_in_bf16():
@@ -68,9 +43,11 @@ def test_text_only_input_is_the_base_llm_in_bf16():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_generation_with_the_kv_cache_equals_without_on_the_gpu(dtype):
     model = _tiny(dtype)
-    for kind, item in _prompts(model).items():
-        cached, uncached = _greedy(model, item, True), _greedy(model, item, False)
-        assert len(uncached) == MAX_NEW_TOKENS
+    prompts = generation_prompts(model)
+    for kind in ("image", "speech", "text"):
+        item = prompts[kind]
+        [cached], [uncached] = greedy(model, [item], True), greedy(model, [item], False)
+        assert len(uncached) == GREEDY_TOKENS
         assert_same_greedy(model, item, uncached, cached, f"{kind} prompt on CUDA ({dtype}), cache vs no cache",
                            near_tie=NEAR_TIE[dtype])
 

@@ -7,24 +7,13 @@ deltas that the cache must keep while every generated token stays text.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 import mmadapt
-from mmadapt.data.collate import Collator
-from mmadapt.data.tokenize import encode_prompt
-from mmadapt.evaluate import generation_inputs
-from mmadapt.inference.prompts import load_image, prompt_item
-from tests.helpers import SHAPES, assert_same_greedy, one_thread, tiny_model_with_live_adapters  # noqa: F401
-
-MAX_NEW_TOKENS = 16
-PROMPTS = {
-    "image": ("<image>\nDescribe the picture.", 1, 0),
-    "speech": ("<speech>", 0, 1),
-    "text": ("Name three colours.", 0, 0),
-    "image+speech": ("<image>\n<speech>\nAnswer the question about the picture.", 1, 1),
-}
+from tests.helpers import (  # noqa: F401 (one_thread: fixture)
+    GENERATION_PROMPTS, GREEDY_TOKENS, assert_same_greedy, generation_prompts, greedy, one_thread,
+    tiny_model_with_live_adapters,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,33 +23,20 @@ def model(one_thread) -> mmadapt.MultimodalLM:
 
 @pytest.fixture(scope="module")
 def prompts(model) -> dict[str, dict]:
-    image = load_image(model, SHAPES / "images" / "test-00000.png")
-    waveform = torch.from_numpy((0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32))
-    features = model.encoders["speech"].features(waveform)
-    image_tokens = model.encoders["image"].num_tokens
-    items = {}
-    for kind, (content, images, audios) in PROMPTS.items():
-        ids = encode_prompt(model.tokenizer, [{"role": "user", "content": content}], image_tokens, "")
-        items[kind] = prompt_item(kind, ids, [image] * images, [features] * audios)
-    return items
+    return generation_prompts(model)
 
 
-def _greedy(model, items: list[dict], use_cache: bool = True) -> list[list[int]]:
-    inputs = generation_inputs(Collator(model.tokenizer.pad_token_id, padding_side="left")(items))
-    return model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, use_cache=use_cache).tolist()
-
-
-@pytest.mark.parametrize("kind", list(PROMPTS))
+@pytest.mark.parametrize("kind", list(GENERATION_PROMPTS))
 def test_cached_generation_equals_uncached(model, prompts, kind):
-    [cached] = _greedy(model, [prompts[kind]])
-    [uncached] = _greedy(model, [prompts[kind]], use_cache=False)
-    assert len(uncached) == MAX_NEW_TOKENS and len(set(uncached)) > 1  # a real answer, not one repeated token
+    [cached] = greedy(model, [prompts[kind]])
+    [uncached] = greedy(model, [prompts[kind]], use_cache=False)
+    assert len(uncached) == GREEDY_TOKENS and len(set(uncached)) > 1  # a real answer, not one repeated token
     assert_same_greedy(model, prompts[kind], uncached, cached, f"{kind} prompt, cache vs no cache")
 
 
 def test_cached_generation_equals_uncached_on_a_left_padded_mixed_batch(model, prompts):
     items = list(prompts.values())  # prompts of different lengths: every row but the longest is padded
-    cached, uncached = _greedy(model, items), _greedy(model, items, use_cache=False)
+    cached, uncached = greedy(model, items), greedy(model, items, use_cache=False)
     for item, expected, actual in zip(items, uncached, cached):
         assert_same_greedy(model, item, expected, actual, f"{item['id']} row of a mixed batch, cache vs no cache")
 
@@ -68,9 +44,9 @@ def test_cached_generation_equals_uncached_on_a_left_padded_mixed_batch(model, p
 def test_adapters_change_modality_answers_only(model, prompts):
     """Guards the tests above: image and speech answers go through the adapters, text ones do not."""
     for kind, item in prompts.items():
-        [adapted] = _greedy(model, [item])
+        [adapted] = greedy(model, [item])
         with mmadapt.disable_adapters(model.llm):
-            [base] = _greedy(model, [item])
+            [base] = greedy(model, [item])
         assert (adapted == base) == (kind == "text"), kind
 
 
@@ -81,12 +57,12 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 def test_rows_that_end_early_leave_the_batch_and_the_rest_decode_as_alone(model, prompts, use_cache):
     items = list(prompts.values())
-    [first] = _greedy(model, items[:1], use_cache)
+    [first] = greedy(model, items[:1], use_cache)
     eos, original_eos = first[2], model.tokenizer.eos_token_id
     model.tokenizer.eos_token_id = eos  # the first row now ends by its third token
     try:
-        batched = _greedy(model, items, use_cache)
-        alone = [_greedy(model, [item], use_cache)[0] for item in items]
+        batched = greedy(model, items, use_cache)
+        alone = [greedy(model, [item], use_cache)[0] for item in items]
     finally:
         model.tokenizer.eos_token_id = original_eos
     ended = batched[0].index(eos)
