@@ -76,7 +76,46 @@ TASKS = [
         "num_images": 2,
         "max_new_tokens": 128,
     },
+    # added 2026-11-26 in the next session, before any run and before the caption changes of
+    # that session: other wordings, a story, three slots without an outline, one slot alone
+    {
+        "instruction": "Write a short story for children about a painter who loves coloured shapes.",
+        "outline": [
+            "The painter paints a blue circle [image]",
+            "Then she paints a red square [image]",
+            "At last she paints a green triangle [image]",
+        ],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write a short lesson for children about colours and shapes.",
+        "outline": ["A yellow square [image]", "A green circle [image]", "A red triangle [image]"],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write three short paragraphs for children: one about a green triangle, one about a "
+        "yellow square and one about a blue circle.",
+        "outline": None,
+        "num_images": 3,
+        "max_new_tokens": 160,
+    },
+    {
+        "instruction": "Write a short paragraph for children about a red square.",
+        "outline": None,
+        "num_images": 1,
+        "max_new_tokens": 96,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a blue triangle and one about a "
+        "yellow circle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
 ]
+FIRST_ADDED, SECOND_ADDED = 4, 7  # task indices where the two additions start
 
 
 def candidate_folder(folder: Path, first: int) -> dict[str, str]:
@@ -165,6 +204,14 @@ def main() -> None:
         "candidates": f"data/shapes/test.jsonl records {args.first}-{args.first + CANDIDATES - 1}",
         "seed": args.seed,
         **summary(slots),
+        "by_set": {
+            name: summary([slot for task in tasks[start:end] for slot in task["slots"]])
+            for name, start, end in (
+                ("tasks 0-3", 0, FIRST_ADDED),
+                ("tasks 4-6", FIRST_ADDED, SECOND_ADDED),
+                ("tasks 7-11", SECOND_ADDED, len(TASKS)),
+            )
+        },
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": tasks,
     }
