@@ -25,6 +25,7 @@ from mmadapt.errors import InputError
 from mmadapt.inference import article
 from mmadapt.inference.chat import ChatSession
 from mmadapt.inference.compose import (
+    CAPTION_ASK,
     OutlineLine,
     choose_positions,
     compose,
@@ -219,6 +220,7 @@ def test_paragraphs_are_cut_at_the_sentence_end_nearest_the_middle_of_the_longes
     assert split_paragraphs(["A b. C d.", text], 3) == ["A b. C d.", "One is red. Two is blue!", "Three is green? Four is pink."]
     assert split_paragraphs(["A. B.", "No sentence end. "], 5) == ["A.", "B.", "No sentence end. "]
     assert split_paragraphs([text], 1) == [text]
+    assert split_paragraphs(['She said "Hi!" Then she left.'], 2) == ['She said "Hi!"', "Then she left."]
 
 
 def test_images_outnumbering_the_answers_paragraphs_follow_its_sentences(session, candidates, tmp_path, monkeypatch):
@@ -227,6 +229,26 @@ def test_images_outnumbering_the_answers_paragraphs_follow_its_sentences(session
     decisions = _compose(session, candidates, tmp_path / "article", num_images=2)
     assert decisions["paragraphs"] == ["A red circle here. It is round.", "A blue square there. It has corners."]
     assert [slot["after_paragraph"] for slot in decisions["slots"]] == [1, 2]
+
+
+def test_captions_see_the_outline_topic_and_keep_their_first_sentence(session, candidates, tmp_path, monkeypatch):
+    requests = []
+
+    def answers(writer, conversations, max_new_tokens, **sampling):
+        asks = [conversation for conversation in conversations if CAPTION_ASK in conversation[-1]["content"]]
+        requests.extend(asks)
+        return ['"A blue circle." It is round.' if conversation in asks else "1, 2" for conversation in conversations]
+
+    monkeypatch.setattr("mmadapt.inference.compose._Writer._answers", answers)
+    outlined = _compose(session, candidates, tmp_path / "outlined", outline=OUTLINE)
+    monkeypatch.setattr("mmadapt.inference.compose._Writer.article", lambda *args: ["Red here.", "Blue there."])
+    plain = _compose(session, candidates, tmp_path / "plain", num_images=2)
+    assert [slot["caption"] for slot in outlined["slots"] + plain["slots"]] == ["A blue circle."] * 4
+    topics = [re.match("Topic: (.*)\nParagraph: ", request[-1]["content"]) for request in requests]
+    assert [topic and topic[1] for topic in topics] == ["Blue things", "Green things", None, None]
+    # the worked examples take the request's form
+    topic_turns = [sum(turn["content"].startswith("Topic: ") for turn in request) for request in requests]
+    assert topic_turns == [3, 3, 0, 0]
 
 
 def test_outline_lines_drop_bullets_and_keep_image_marks():

@@ -19,8 +19,10 @@ The steps, each recorded in ``decisions.json``:
    spread evenly instead (:func:`even_positions`). Without an outline, an answer with fewer
    paragraphs than images wanted is first cut at sentence ends (:func:`split_paragraphs`), so
    no two images follow one paragraph under the same caption.
-3. **Captions**: one per slot, the model's short caption for that paragraph (two worked
-   examples come first as earlier chat turns; all slots are decoded in one batch).
+3. **Captions**: one per slot, the model's short caption for that paragraph, cut after its
+   first sentence. With an outline the request also names the paragraph's outline topic, the
+   user's own words for what the slot is about. Two worked examples come first as earlier
+   chat turns; all slots are decoded in one batch.
 4. **Images**: slot by slot, the ranker scores every candidate not used yet and the
    best one is taken (ties: the first by file name); no image is used twice.
 5. **Output**, written by :mod:`mmadapt.inference.article`.
@@ -50,23 +52,23 @@ from mmadapt.model import MultimodalLM
 
 IMAGE_MARK = "[image]"
 SHORT_ANSWER_TOKENS = 32  # a caption, or a list of paragraph numbers
-CAPTION_ASK = (
-    "Paragraph: {paragraph}\nWrite a short caption, a few words, for a picture that illustrates this paragraph."
-)
-CAPTION_EXAMPLES = (  # (paragraph, caption) turns shown before each caption request
+CAPTION_ASK = "Write a short caption, a few words, for a picture that illustrates this paragraph."
+CAPTION_EXAMPLES = (  # (topic, paragraph, caption) turns shown before each caption request
     (
+        "The fisherman's catch",
         "The old fisherman pulled his net from the water at dawn, and it was full of silver fish that "
         "glittered in the sun.",
         "A fisherman pulling a net of fish.",
     ),
     (
+        "Our kitten",
         "Our kitten spent the whole afternoon chasing a ball of yarn across the living room floor.",
         "A kitten playing with yarn.",
     ),
 )
 _PLACEHOLDER = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
 _BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")  # between two sentences
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=\S)")  # between two sentences
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def compose(
         if not lines and wanted:
             paragraphs = split_paragraphs(paragraphs, wanted)
         positions, placement = choose_positions(paragraphs, lines, wanted, len(candidates), writer.placement)
-        captions = writer.captions([paragraphs[p] for p in positions])
+        captions = writer.captions([paragraphs[p] for p in positions], [lines[p].topic for p in positions if lines])
     slots = pick_images(ranker, positions, captions, candidates, batch_size, progress)
     record = {
         "instruction": instruction,
@@ -247,21 +249,32 @@ class _Writer:
             paragraphs.append(_model_text(answer) or line.topic)
         return paragraphs
 
-    def captions(self, paragraphs: list[str]) -> list[str]:
-        """A few words per paragraph for the picture after it, all decoded in one batch (the
-        paragraph itself where the model writes none).
+    def captions(self, paragraphs: list[str], topics: list[str]) -> list[str]:
+        """A few words per paragraph for the picture after it, all decoded in one batch: the
+        first sentence of the model's answer (the paragraph itself where it writes none).
+
+        Args:
+            paragraphs: the paragraphs an image follows.
+            topics: their outline topics, shown with each paragraph; empty without an outline.
+                The model's paragraph may stray from what the user asked the slot to be
+                about, and its caption then describes the stray.
 
         Two worked examples come first as earlier turns: without them small models tend to
-        repeat the paragraph instead of captioning it.
+        repeat the paragraph instead of captioning it. A caption names one picture, so a
+        second sentence (small models go on listing) is dropped.
         """
         examples = [
             turn
-            for example, caption in CAPTION_EXAMPLES
-            for turn in (_user(CAPTION_ASK.format(paragraph=example)), {"role": "assistant", "content": caption})
+            for topic, example, caption in CAPTION_EXAMPLES
+            for turn in (_caption_ask(example, topic if topics else None), {"role": "assistant", "content": caption})
         ]
-        asks = [[*examples, _user(CAPTION_ASK.format(paragraph=paragraph))] for paragraph in paragraphs]
+        asks = [
+            [*examples, _caption_ask(paragraph, topic)]
+            for paragraph, topic in zip(paragraphs, topics or [None] * len(paragraphs))
+        ]
         answers = self._answers(asks, self.short_answer, **self.sampling)
-        return [_model_text(answer).strip("\"'") or paragraph for answer, paragraph in zip(answers, paragraphs)]
+        captions = [_SENTENCE_END.split(_model_text(answer), maxsplit=1)[0].strip("\"'") for answer in answers]
+        return [caption or paragraph for caption, paragraph in zip(captions, paragraphs)]
 
     def placement(self, paragraphs: list[str], wanted: int | None) -> str:
         """The model's (greedy) answer to which paragraphs need a picture."""
@@ -380,6 +393,11 @@ def pick_images(
 
 def _user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
+
+
+def _caption_ask(paragraph: str, topic: str | None) -> dict[str, str]:
+    about = f"Topic: {topic}\n" if topic is not None else ""
+    return _user(f"{about}Paragraph: {paragraph}\n{CAPTION_ASK}")
 
 
 def _model_text(text: str) -> str:
