@@ -114,8 +114,44 @@ TASKS = [
         "num_images": 2,
         "max_new_tokens": 128,
     },
+    # added 2026-11-26, after the caption changes were measured and before the ranker's
+    # scored span (rank.py) was: objects in places, an outline without marks, two more alone
+    {
+        "instruction": "Write a short article for children about the shapes they can find at home.",
+        "outline": [
+            "A red circle on the table [image]",
+            "A blue triangle on the wall [image]",
+            "A yellow square on the floor [image]",
+        ],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": ARTICLE,
+        "outline": ["Green circles", "Yellow triangles", "Blue squares"],
+        "num_images": 2,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a green square and one about a red "
+        "triangle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
+    {
+        "instruction": "Write a short paragraph for children about a yellow triangle.",
+        "outline": None,
+        "num_images": 1,
+        "max_new_tokens": 96,
+    },
 ]
-FIRST_ADDED, SECOND_ADDED = 4, 7  # task indices where the two additions start
+SETS = (  # (name, first task, end): each addition was registered before it was first run
+    ("tasks 0-3", 0, 4),
+    ("tasks 4-6", 4, 7),
+    ("tasks 7-11", 7, 12),
+    ("tasks 12-15", 12, len(TASKS)),
+)
 
 
 def candidate_folder(folder: Path, first: int) -> dict[str, str]:
@@ -204,14 +240,7 @@ def main() -> None:
         "candidates": f"data/shapes/test.jsonl records {args.first}-{args.first + CANDIDATES - 1}",
         "seed": args.seed,
         **summary(slots),
-        "by_set": {
-            name: summary([slot for task in tasks[start:end] for slot in task["slots"]])
-            for name, start, end in (
-                ("tasks 0-3", 0, FIRST_ADDED),
-                ("tasks 4-6", FIRST_ADDED, SECOND_ADDED),
-                ("tasks 7-11", SECOND_ADDED, len(TASKS)),
-            )
-        },
+        "by_set": {name: summary([slot for task in tasks[start:end] for slot in task["slots"]]) for name, start, end in SETS},
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": tasks,
     }
