@@ -240,7 +240,9 @@ def main() -> None:
         "candidates": f"data/shapes/test.jsonl records {args.first}-{args.first + CANDIDATES - 1}",
         "seed": args.seed,
         **summary(slots),
-        "by_set": {name: summary([slot for task in tasks[start:end] for slot in task["slots"]]) for name, start, end in SETS},
+        "by_set": {
+            name: summary([slot for task in tasks[start:end] for slot in task["slots"]]) for name, start, end in SETS
+        },
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": tasks,
     }
