@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ from mmadapt.inference.compose import (
     parse_positions,
     split_paragraphs,
 )
-from mmadapt.inference.rank import ClipRanker, LikelihoodRanker, description_start, read_image
+from mmadapt.inference.rank import ClipRanker, LikelihoodRanker, description_start, read_image, scored_span
 from tests.helpers import REPO, SHAPES, run_train, shapes_subset, tiny_overrides
 
 # An untied output head makes the text depend on the prompt (see tests/test_chat.py).
@@ -107,9 +108,12 @@ def test_same_seed_same_article_another_seed_another_and_the_callers_rng_untouch
     assert other["paragraphs"] != first["paragraphs"]
 
 
-def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path, closing_weight: float = 0.1) -> float:
-    """The ranker's score through the model's loss, one image at a time: the caption's words
-    (scored as the start of the answer) plus ``closing_weight`` x the rest of the whole answer."""
+def _direct_log_likelihood(
+    session: ChatSession, caption: str, image_path: Path, closing_weight: float = 0.1, span: int | None = None
+) -> float:
+    """The ranker's score through the model's loss, one image at a time: the first ``span``
+    tokens of the caption's words (all of them for None; scored as the start of the answer)
+    plus ``closing_weight`` x the rest of the whole answer."""
     model = session.model
     encoder = model.encoders["image"]
     question = [{"role": "user", "content": "<image>\nDescribe the picture."}]
@@ -122,8 +126,8 @@ def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path,
         return -float(loss) * int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     prompt = encode_prompt(model.tokenizer, question, encoder.num_tokens, session.system_prompt)
-    words = model.tokenizer(caption.rstrip(".!? "), add_special_tokens=False)["input_ids"]
-    start = log_likelihood(prompt + words, [IGNORE_INDEX] * len(prompt) + words)
+    words = model.tokenizer(caption.rstrip(".!? "), add_special_tokens=False)["input_ids"][:span]
+    start = log_likelihood(prompt + words, [IGNORE_INDEX] * len(prompt) + words) if words else 0.0
     answer = [*question, {"role": "assistant", "content": caption}]
     whole = encode_conversation(model.tokenizer, answer, encoder.num_tokens, session.system_prompt)
     return start + closing_weight * (log_likelihood(whole["input_ids"], whole["labels"]) - start)
@@ -132,7 +136,12 @@ def _direct_log_likelihood(session: ChatSession, caption: str, image_path: Path,
 def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_start_log_likelihood(
     session, candidates, tmp_path
 ):
-    decisions = _compose(session, candidates, tmp_path / "article", num_images=2, outline=OUTLINE, batch_size=2)
+    # A tiny random model explains no token (vocabulary 49k), which would end the scored span
+    # at once; this test checks the span of all the caption's words, the next one the cut.
+    ranker = LikelihoodRanker(session.model, session.system_prompt, unexplained_below=0.0)
+    decisions = _compose(
+        session, candidates, tmp_path / "article", num_images=2, outline=OUTLINE, batch_size=2, ranker=ranker
+    )
     used: set[str] = set()
     for slot in decisions["slots"]:
         free = [name for name in CANDIDATES if name not in used]
@@ -147,16 +156,44 @@ def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_star
 
 def test_the_tokens_closing_a_caption_count_with_their_weight(session, candidates):
     images = [read_image(candidates / name) for name in CANDIDATES[:3]]
-    words_only = LikelihoodRanker(session.model, session.system_prompt, closing_weight=0.0)
+    words_only = LikelihoodRanker(session.model, session.system_prompt, closing_weight=0.0, unexplained_below=0.0)
     assert words_only.scores("A red circle.", images) == pytest.approx(words_only.scores("A red circle", images))
     assert words_only.scores("A red circle.", images) != pytest.approx(words_only.scores("A red", images))
-    whole = LikelihoodRanker(session.model, session.system_prompt, closing_weight=1.0)
+    whole = LikelihoodRanker(session.model, session.system_prompt, closing_weight=1.0, unexplained_below=0.0)
     for image, score in zip(CANDIDATES[:3], whole.scores("A red circle.", images)):
         assert score == pytest.approx(_direct_log_likelihood(session, "A red circle.", candidates / image, 1.0), rel=1e-5)
     with pytest.raises(InputError, match="closing_weight"):
         LikelihoodRanker(session.model, closing_weight=2.0)
+    with pytest.raises(InputError, match="unexplained_below"):
+        LikelihoodRanker(session.model, unexplained_below=1.0)
     assert description_start("Is it red? ") == "Is it red"
     assert description_start("...") == "..."
+
+
+def test_the_scored_span_ends_at_the_first_word_no_image_explains():
+    log_probs = torch.log(torch.tensor([[0.9, 0.0005, 0.5, 0.3], [0.8, 0.002, 0.0001, 0.0001]]))
+    assert scored_span(log_probs, 4, 1e-3) == 4  # every word is likely under some image
+    assert scored_span(log_probs[:1], 4, 1e-3) == 1
+    assert scored_span(log_probs[:1], 4, 1e-4) == 4
+    assert scored_span(log_probs[:1], 4, 0.0) == 4
+    assert scored_span(log_probs[1:], 2, 1e-3) == 2  # the tokens after the words never end it
+
+
+def test_the_ranker_scores_the_span_fully_and_the_rest_with_the_closing_weight(session, candidates):
+    names, caption = CANDIDATES[:3], "A red circle."
+    words = len(session.model.tokenizer("A red circle", add_special_tokens=False)["input_ids"])
+    starts = torch.tensor([
+        [_direct_log_likelihood(session, caption, candidates / name, 0.0, span) for span in range(words + 1)]
+        for name in names
+    ])
+    per_token = starts.diff(dim=1)  # (images, words)
+    best = per_token.max(dim=0).values
+    cut = int(best.argmin())  # with a threshold just above it, the least likely word ends the span
+    ranker = LikelihoodRanker(session.model, session.system_prompt, unexplained_below=float(best[cut].exp()) * 1.001)
+    assert int((best < best[cut] + math.log(1.001)).nonzero()[0]) == cut  # no earlier word under it too
+    scores = ranker.scores(caption, [read_image(candidates / name) for name in names], batch_size=2)
+    for name, score in zip(names, scores):
+        assert score == pytest.approx(_direct_log_likelihood(session, caption, candidates / name, 0.1, cut), rel=1e-5)
 
 
 def test_reference_images_join_the_instruction(session, candidates, tmp_path):

@@ -378,11 +378,7 @@ def pick_images(
     slots, used = [], set()
     for after, caption in zip(positions, captions):
         free = [candidate for candidate in candidates if candidate.name not in used]
-        scores = []
-        for start in range(0, len(free), batch_size):
-            chunk = free[start : start + batch_size]
-            scores += ranker.scores(caption, [candidate.image for candidate in chunk])
-            bar.update(len(chunk))
+        scores = ranker.scores(caption, [candidate.image for candidate in free], batch_size, bar.update)
         ranked = sorted(zip(free, scores), key=lambda pair: -pair[1])  # stable: ties stay in name order
         best = ranked[0][0]
         used.add(best.name)

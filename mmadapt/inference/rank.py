@@ -4,19 +4,20 @@ A ranker scores a batch of images for one caption, higher is better::
 
     ranker = LikelihoodRanker(model)                  # any trained mmadapt checkpoint
     ranker = ClipRanker("ViT-B-32", "clip.safetensors")  # open_clip, local weights only
-    scores = ranker.scores("A red circle.", [image, ...])
+    scores = ranker.scores("A red circle.", [image, ...], batch_size=8)
 
 :class:`LikelihoodRanker` asks the model itself: the score of an image is
 ``sum log p(caption tokens | image prompt)`` under the chat template, i.e. how likely
 the model is to answer the caption prompt ("Describe the picture.") about that image
-with the caption, the tokens that close the answer weighted down (see the class).
+with the caption, some tokens weighted down (see the class).
 Every candidate shares the same token ids (only the image differs), so a batch needs no
 padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +36,7 @@ from mmadapt.model import MultimodalLM
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_PROMPT = "Describe the picture."
 CLOSING_WEIGHT = 0.1  # see LikelihoodRanker
+UNEXPLAINED_BELOW = 1e-3  # see LikelihoodRanker
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,13 @@ def load_candidates(folder: str | Path) -> list[Candidate]:
 class Ranker(Protocol):
     """Scores images for a caption; higher means a better illustration."""
 
-    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
-        """One score per image, computed as one batch."""
+    def scores(
+        self, caption: str, images: Sequence[Image.Image], batch_size: int = 8,
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[float]:
+        """One score per image, ``batch_size`` images per forward pass; ``on_scored(n)`` after each
+        batch of ``n``. A score may depend on the other images of the call, never on how they are
+        batched."""
         ...
 
     def describe(self) -> dict:
@@ -97,50 +104,82 @@ class Ranker(Protocol):
 class LikelihoodRanker:
     """The model's own log-likelihood of the caption as its answer about each image.
 
-    The caption's words count fully; what closes the answer (the full stop and the end of
-    turn) counts ``closing_weight`` times. Those closing tokens assert that the picture shows
-    nothing else: at full weight they cost a trained model up to ~13 nats on a picture with
-    more in it, so "A yellow circle." went to a picture of a yellow square when every yellow
-    circle shared its picture with other shapes. At weight 0 the extra content is free and
-    ties among the pictures that do show the caption fall to cluttered ones; a small weight
-    ranks by content first and prefers the tidier picture among equals.
+    The answer's tokens in the *scored span* count fully, the others ``closing_weight`` times.
+    The span is the caption's words up to the first token that no candidate explains (its
+    probability below ``unexplained_below`` for every image); it is the same for every image
+    of the call.
+
+    Why the closing tokens (the full stop and the end of turn) count less: they assert that
+    the picture shows nothing else. At full weight they cost a trained model up to ~13 nats
+    on a picture with more in it, so "A yellow circle." went to a picture of a yellow square
+    when every yellow circle shared its picture with other shapes. At weight 0 the extra
+    content is free and ties among the pictures that do show the caption fall to cluttered
+    ones; a small weight ranks by content first and prefers the tidier picture among equals.
+
+    Why the span ends at an unexplained token: there the caption leaves what the model
+    learned to say about pictures ("A yellow circle *with* a square inside it.": " with" is
+    below 1e-6 on every candidate), and everything after it is predicted from a text the model
+    never saw. Those predictions still differ between images, by up to ~10 nats, and that
+    noise outweighed "circle": the caption went to a yellow square. Only the picture-free
+    tokens before the span's end are trusted in full; the rest counts like the closing tokens.
 
     Args:
         model: a trained model with an image encoder (eval mode).
         system_prompt: the run's ``data.system_prompt``, as in training.
         prompt: the user text after the image, as in the training data.
         name: what error messages call the model, e.g. its run folder.
-        closing_weight: weight of the tokens after the caption's words, in [0, 1].
+        closing_weight: weight of the answer tokens outside the scored span, in [0, 1].
+        unexplained_below: the probability in [0, 1) under which a token no image reaches ends
+            the scored span; 0: the span is all of the caption's words.
 
     Raises:
-        InputError: the model has no image encoder, or ``closing_weight`` is outside [0, 1].
+        InputError: the model has no image encoder, or a weight or probability out of range.
     """
 
     def __init__(
         self, model: MultimodalLM, system_prompt: str | None = None, prompt: str = CAPTION_PROMPT,
-        name: str = "the model", closing_weight: float = CLOSING_WEIGHT,
+        name: str = "the model", closing_weight: float = CLOSING_WEIGHT, unexplained_below: float = UNEXPLAINED_BELOW,
     ) -> None:
         if "image" not in model.encoders:
             raise InputError(f"{name} has no image encoder, so it cannot rank images; use an open_clip ranker (--clip)")
         if not 0 <= closing_weight <= 1:
             raise InputError(f"closing_weight must be in [0, 1], got {closing_weight}")
+        if not 0 <= unexplained_below < 1:
+            raise InputError(f"unexplained_below must be in [0, 1), got {unexplained_below}")
         self.model = model
         self.system_prompt = system_prompt
         self.prompt = prompt
         self.closing_weight = closing_weight
+        self.unexplained_below = unexplained_below
 
     def describe(self) -> dict:
-        return {"type": "likelihood", "prompt": self.prompt, "closing_weight": self.closing_weight}
+        return {
+            "type": "likelihood", "prompt": self.prompt, "closing_weight": self.closing_weight,
+            "unexplained_below": self.unexplained_below,
+        }
 
     @torch.no_grad()
-    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
-        encoder = self.model.encoders["image"]
+    def scores(
+        self, caption: str, images: Sequence[Image.Image], batch_size: int = 8,
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[float]:
         tokenizer = self.model.tokenizer
         messages = [
             {"role": "user", "content": f"<image>\n{self.prompt}"},
             {"role": "assistant", "content": caption},
         ]
-        encoded = encode_conversation(tokenizer, messages, encoder.num_tokens, self.system_prompt)
+        encoded = encode_conversation(tokenizer, messages, self.model.encoders["image"].num_tokens, self.system_prompt)
+        log_probs = torch.cat(_in_batches(images, batch_size, on_scored, lambda chunk: self._log_probs(encoded, chunk)))
+        answer = [token for token in encoded["labels"] if token != IGNORE_INDEX]
+        words = _common_prefix(answer, tokenizer(description_start(caption), add_special_tokens=False)["input_ids"])
+        span = scored_span(log_probs, words, self.unexplained_below)
+        weights = torch.full((log_probs.shape[1],), self.closing_weight, device=log_probs.device)
+        weights[:span] = 1.0
+        return (log_probs @ weights).tolist()
+
+    def _log_probs(self, encoded: dict, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``log p`` of each answer token given each image: ``[B, N]``."""
+        encoder = self.model.encoders["image"]
         items = [
             {
                 "id": str(i),
@@ -150,15 +189,36 @@ class LikelihoodRanker:
             }
             for i, image in enumerate(images)
         ]
-        batch = Collator(tokenizer.pad_token_id)(items)  # equal lengths: no padding
+        batch = Collator(self.model.tokenizer.pad_token_id)(items)  # equal lengths: no padding
         device = next(self.model.parameters()).device
         inputs = {key: value.to(device) for key, value in model_inputs(batch).items()}
-        log_probs = answer_log_probs(self.model(**inputs).logits, inputs["labels"])  # (B, N)
-        answer = [token for token in encoded["labels"] if token != IGNORE_INDEX]
-        words = _common_prefix(answer, tokenizer(description_start(caption), add_special_tokens=False)["input_ids"])
-        weights = torch.full((log_probs.shape[1],), self.closing_weight, device=device)
-        weights[:words] = 1.0
-        return (log_probs @ weights).tolist()
+        return answer_log_probs(self.model(**inputs).logits, inputs["labels"])
+
+
+def scored_span(log_probs: torch.Tensor, words: int, unexplained_below: float) -> int:
+    """How many leading answer tokens :class:`LikelihoodRanker` counts fully: the first ``words``,
+    cut at the first token whose ``log p`` is below ``log(unexplained_below)`` in every row.
+
+    Args:
+        log_probs: ``[images, tokens]`` log-probabilities of the answer's tokens.
+        words: how many of those tokens are the caption's words.
+        unexplained_below: a probability; 0 never cuts.
+    """
+    if unexplained_below == 0:
+        return words
+    unexplained = (log_probs[:, :words].max(dim=0).values < math.log(unexplained_below)).nonzero()
+    return int(unexplained[0]) if len(unexplained) else words
+
+
+def _in_batches(images: Sequence[Image.Image], batch_size: int, on_scored, score: Callable) -> list:
+    """``score(chunk)`` for each run of ``batch_size`` images, in order; ``on_scored(len(chunk))`` after each."""
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        results.append(score(chunk))
+        if on_scored is not None:
+            on_scored(len(chunk))
+    return results
 
 
 def description_start(caption: str) -> str:
@@ -216,8 +276,14 @@ class ClipRanker:
         return {"type": "open_clip", "model": self.model_name, "weights": self.weights}
 
     @torch.no_grad()
-    def scores(self, caption: str, images: Sequence[Image.Image]) -> list[float]:
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, S, S)
-        image_embeds = F.normalize(self.model.encode_image(pixels), dim=-1)  # (B, E)
+    def scores(
+        self, caption: str, images: Sequence[Image.Image], batch_size: int = 8,
+        on_scored: Callable[[int], None] | None = None,
+    ) -> list[float]:
         text_embeds = F.normalize(self.model.encode_text(self.tokenizer([caption]).to(self.device)), dim=-1)  # (1, E)
+        image_embeds = torch.cat(_in_batches(images, batch_size, on_scored, self._image_embeds))  # (B, E)
         return (image_embeds @ text_embeds.T)[:, 0].tolist()
+
+    def _image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)  # (B, 3, S, S)
+        return F.normalize(self.model.encode_image(pixels), dim=-1)  # (B, E)
