@@ -210,7 +210,9 @@ def scored_span(log_probs: torch.Tensor, words: int, unexplained_below: float) -
     return int(unexplained[0]) if len(unexplained) else words
 
 
-def _in_batches(images: Sequence[Image.Image], batch_size: int, on_scored, score: Callable) -> list:
+def _in_batches(
+    images: Sequence[Image.Image], batch_size: int, on_scored: Callable[[int], None] | None, score: Callable
+) -> list:
     """``score(chunk)`` for each run of ``batch_size`` images, in order; ``on_scored(len(chunk))`` after each."""
     results = []
     for start in range(0, len(images), batch_size):
