@@ -179,7 +179,7 @@ def test_the_scored_span_ends_at_the_first_word_no_image_explains():
     assert scored_span(log_probs[1:], 2, 1e-3) == 2  # the tokens after the words never end it
 
 
-def test_the_ranker_scores_the_span_fully_and_the_rest_with_the_closing_weight(session, candidates):
+def test_the_ranker_discounts_the_words_past_the_span_and_the_closing_tokens_past_both(session, candidates):
     names, caption = CANDIDATES[:3], "A red circle."
     words = len(session.model.tokenizer("A red circle", add_special_tokens=False)["input_ids"])
     starts = torch.tensor([
@@ -192,8 +192,11 @@ def test_the_ranker_scores_the_span_fully_and_the_rest_with_the_closing_weight(s
     ranker = LikelihoodRanker(session.model, session.system_prompt, unexplained_below=float(best[cut].exp()) * 1.001)
     assert int((best < best[cut] + math.log(1.001)).nonzero()[0]) == cut  # no earlier word under it too
     scores = ranker.scores(caption, [read_image(candidates / name) for name in names], batch_size=2)
-    for name, score in zip(names, scores):
-        assert score == pytest.approx(_direct_log_likelihood(session, caption, candidates / name, 0.1, cut), rel=1e-5)
+    for k, (name, score) in enumerate(zip(names, scores)):
+        # the span in full, the words past it x 0.1, the closing tokens past both x 0.01
+        whole = _direct_log_likelihood(session, caption, candidates / name, 1.0)
+        expected = starts[k, cut] + 0.1 * (starts[k, words] - starts[k, cut]) + 0.01 * (whole - starts[k, words])
+        assert score == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_reference_images_join_the_instruction(session, candidates, tmp_path):

@@ -104,10 +104,12 @@ class Ranker(Protocol):
 class LikelihoodRanker:
     """The model's own log-likelihood of the caption as its answer about each image.
 
-    The answer's tokens in the *scored span* count fully, the others ``closing_weight`` times.
-    The span is the caption's words up to the first token that no candidate explains (its
-    probability below ``unexplained_below`` for every image); it is the same for every image
-    of the call.
+    The answer's tokens in the *scored span* count fully. The span is the caption's words up
+    to the first token that no candidate explains (its probability below ``unexplained_below``
+    for every image); it is the same for every image of the call. Two kinds of token count
+    less, by ``closing_weight`` for each kind they are: the tokens that close the answer, and
+    the words past the span; so the closing tokens of a caption cut short count
+    ``closing_weight**2``, and the words still outweigh them tenfold as in an uncut caption.
 
     Why the closing tokens (the full stop and the end of turn) count less: they assert that
     the picture shows nothing else. At full weight they cost a trained model up to ~13 nats
@@ -120,15 +122,17 @@ class LikelihoodRanker:
     learned to say about pictures ("A yellow circle *with* a square inside it.": " with" is
     below 1e-6 on every candidate), and everything after it is predicted from a text the model
     never saw. Those predictions still differ between images, by up to ~10 nats, and that
-    noise outweighed "circle": the caption went to a yellow square. Only the picture-free
-    tokens before the span's end are trusted in full; the rest counts like the closing tokens.
+    noise outweighed "circle": the caption went to a yellow square. Only the tokens before
+    the span's end are trusted in full. The words past it still count a little, for a caption
+    that leaves the descriptions before it names anything ("A person visiting the green
+    square."): there the words past the span are all the evidence there is.
 
     Args:
         model: a trained model with an image encoder (eval mode).
         system_prompt: the run's ``data.system_prompt``, as in training.
         prompt: the user text after the image, as in the training data.
         name: what error messages call the model, e.g. its run folder.
-        closing_weight: weight of the answer tokens outside the scored span, in [0, 1].
+        closing_weight: the discount, in [0, 1], of the closing tokens and of the words past the span.
         unexplained_below: the probability in [0, 1) under which a token no image reaches ends
             the scored span; 0: the span is all of the caption's words.
 
@@ -173,8 +177,10 @@ class LikelihoodRanker:
         answer = [token for token in encoded["labels"] if token != IGNORE_INDEX]
         words = _common_prefix(answer, tokenizer(description_start(caption), add_special_tokens=False)["input_ids"])
         span = scored_span(log_probs, words, self.unexplained_below)
-        weights = torch.full((log_probs.shape[1],), self.closing_weight, device=log_probs.device)
-        weights[:span] = 1.0
+        weights = torch.ones(log_probs.shape[1], device=log_probs.device)
+        weights[span:] *= self.closing_weight  # words past an unexplained one, and the closing tokens
+        if span < words:
+            weights[words:] *= self.closing_weight  # closing tokens past an unexplained word: both
         return (log_probs @ weights).tolist()
 
     def _log_probs(self, encoded: dict, images: Sequence[Image.Image]) -> torch.Tensor:
