@@ -109,7 +109,8 @@ class LikelihoodRanker:
     for every image); it is the same for every image of the call. Two kinds of token count
     less, by ``closing_weight`` for each kind they are: the tokens that close the answer, and
     the words past the span; so the closing tokens of a caption cut short count
-    ``closing_weight**2``, and the words still outweigh them tenfold as in an uncut caption.
+    ``closing_weight**2``, and the words past the span outweigh them by the factor by which
+    the words of an uncut caption outweigh its closing tokens.
 
     Why the closing tokens (the full stop and the end of turn) count less: they assert that
     the picture shows nothing else. At full weight they cost a trained model up to ~13 nats
