@@ -9,7 +9,9 @@ ignored), and the slot matches when the chosen picture holds every pair the capt
 Slots whose caption names no coloured shape cannot be scored and are counted apart.
 
 Also reported: colour-only and shape-only matches, and chance, the share of the pictures still
-free at that slot that would have matched (what a random pick scores on average).
+free at that slot that would have matched (what a random pick scores on average). And, where an
+outline line marked the slot and names a coloured shape, whether the picture shows what that
+line asked for: the user's view, which a caption that strays from its topic cannot hide.
 
 Run:  .venv/bin/python benchmarks/compose_shapes.py [--checkpoint runs/xcomposer] [--out runs/compose-shapes]
 Writes OUT/candidates/, OUT/task-K/ (each composition's files) and OUT/result.json.
@@ -166,15 +168,19 @@ def candidate_folder(folder: Path, first: int) -> dict[str, str]:
     return captions
 
 
-def score_slot(slot: dict, captions: dict[str, str]) -> dict:
-    """The slot's named pairs, the chosen picture's content, and whether they match."""
+def score_slot(slot: dict, captions: dict[str, str], topic: str | None) -> dict:
+    """The slot's named pairs, the chosen picture's content, and whether they match (the
+    caption's pairs; ``topic_match``: the pairs of the outline line that asked for the slot)."""
     from mmadapt.metrics import parse_shapes
 
-    named = {pair for pair in parse_shapes(slot["caption"]) if pair[0] != "?"}
+    def coloured_shapes(text: str) -> set[tuple[str, str]]:
+        return {pair for pair in parse_shapes(text) if pair[0] != "?"}
 
-    def holds(name: str, part=lambda pair: pair) -> bool:
+    named, asked = coloured_shapes(slot["caption"]), coloured_shapes(topic or "")
+
+    def holds(name: str, pairs: set, part=lambda pair: pair) -> bool:
         content = {part(pair) for pair in parse_shapes(captions[name])}
-        return bool(named) and {part(pair) for pair in named} <= content
+        return bool(pairs) and {part(pair) for pair in pairs} <= content
 
     free = list(slot["scores"])  # every picture still free at this slot
     return {
@@ -183,10 +189,13 @@ def score_slot(slot: dict, captions: dict[str, str]) -> dict:
         "image": slot["image"],
         "content": captions[slot["image"]],
         "scorable": bool(named),
-        "match": holds(slot["image"]),
-        "colour_match": holds(slot["image"], lambda pair: pair[0]),
-        "shape_match": holds(slot["image"], lambda pair: pair[1]),
-        "chance": sum(holds(name) for name in free) / len(free),
+        "match": holds(slot["image"], named),
+        "colour_match": holds(slot["image"], named, lambda pair: pair[0]),
+        "shape_match": holds(slot["image"], named, lambda pair: pair[1]),
+        "chance": sum(holds(name, named) for name in free) / len(free),
+        "topic": topic,
+        "topic_named": bool(asked),
+        "topic_match": holds(slot["image"], asked),
     }
 
 
@@ -196,6 +205,7 @@ def summary(slots: list[dict]) -> dict:
     def rate(key: str) -> float | None:
         return sum(slot[key] for slot in scorable) / len(scorable) if scorable else None
 
+    asked = [slot for slot in slots if slot["topic_named"]]
     return {
         "slots": len(slots),
         "scorable": len(scorable),
@@ -203,6 +213,8 @@ def summary(slots: list[dict]) -> dict:
         "colour_match_rate": rate("colour_match"),
         "shape_match_rate": rate("shape_match"),
         "chance_rate": rate("chance"),
+        "topic_slots": len(asked),
+        "topic_match_rate": sum(slot["topic_match"] for slot in asked) / len(asked) if asked else None,
     }
 
 
@@ -230,7 +242,9 @@ def main() -> None:
             on_text=lambda piece: print(piece, end="", flush=True), progress=True,
         )
         decisions = json.loads((out / "decisions.json").read_text())
-        scored = [score_slot(slot, captions) for slot in decisions["slots"]]
+        marked = [line.removesuffix("[image]").strip() for line in task["outline"] or [] if line.endswith("[image]")]
+        topics = marked or [None] * len(decisions["slots"])  # marked lines are the slots, in order
+        scored = [score_slot(slot, captions, topic) for slot, topic in zip(decisions["slots"], topics)]
         for slot in scored:
             print(f"\n  {slot['caption']!r} -> {slot['image']} ({slot['content']}) match={slot['match']}")
         slots += scored
