@@ -308,6 +308,7 @@ def test_command_streams_the_article_and_writes_the_outputs(run, candidates, tmp
     args = [
         "compose", "--checkpoint", str(run), "--instruction", "Write about shapes.", "--images", str(candidates),
         "--out", str(out), "--outline", str(outline), "--max-new-tokens", "8", "--temperature", "1", "--seed", "5",
+        "--closing-weight", "0.2", "--unexplained-below", "0",
     ]
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -315,6 +316,7 @@ def test_command_streams_the_article_and_writes_the_outputs(run, candidates, tmp
     assert captured.out.split() == " ".join(decisions["paragraphs"]).split()
     assert "ranking images" in captured.err and "article.html" in captured.err
     assert decisions["num_images"] == "auto" and len(decisions["slots"]) == 2 and decisions["seed"] == 5
+    assert decisions["ranker"]["closing_weight"] == 0.2 and decisions["ranker"]["unexplained_below"] == 0
 
 
 def _folder_with(tmp: Path, *files: tuple[str, bytes]) -> Path:
@@ -360,12 +362,15 @@ def _run_of_another_base(run: Path, tmp: Path) -> Path:
         (lambda run, c, tmp: ["--clip", "ViT-B-32", "--clip-weights", str(tmp / "w.pt")], "w.pt: no such file"),
         (lambda run, c, tmp: ["--clip", "no-such-clip", "--clip-weights", str(tmp)], "no-such-clip"),
         (lambda run, c, tmp: ["--max-new-tokens", "0"], "max_new_tokens"),
+        (lambda run, c, tmp: ["--closing-weight", "2"], "closing_weight must be in"),
+        (lambda run, c, tmp: ["--clip", "ViT-B-32", "--clip-weights", str(tmp), "--unexplained-below", "0"], "--clip"),
         (lambda run, c, tmp: ["--instruction", " "], "instruction is empty"),
     ],
     ids=[
         "missing-reference", "unreadable-candidate", "empty-folder", "missing-folder", "too-many-images",
         "bad-count", "outline-mismatch", "missing-outline", "incomplete-run", "other-base", "clip-no-weights",
-        "clip-missing-weights", "clip-unknown-model", "no-tokens", "empty-instruction",
+        "clip-missing-weights", "clip-unknown-model", "no-tokens", "bad-closing-weight", "ranker-flag-with-clip",
+        "empty-instruction",
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(run, candidates, tmp_path, capsys, make_args, named):

@@ -41,6 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the question a caption answers when the model ranks images, as in its training data "
         "(default: 'Describe the picture.')",
     )
+    parser.add_argument(
+        "--closing-weight", type=float, metavar="W",
+        help="likelihood ranker: weight of a caption's closing tokens, and of its words from the first one "
+        "no candidate explains (default 0.1)",
+    )
+    parser.add_argument(
+        "--unexplained-below", type=float, metavar="P",
+        help="likelihood ranker: a caption word below this probability under every candidate ends the words "
+        "counted in full (default 0.001; 0: never)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,6 +61,11 @@ def run(args: argparse.Namespace) -> None:
 
     if bool(args.clip) != bool(args.clip_weights):
         raise InputError("compose: --clip and --clip-weights go together (open_clip weights are only read locally)")
+    likelihood = {"closing_weight": args.closing_weight, "unexplained_below": args.unexplained_below}
+    likelihood = {key: value for key, value in likelihood.items() if value is not None}
+    if args.clip and (likelihood or args.caption_prompt):
+        raise InputError("compose: --caption-prompt, --closing-weight and --unexplained-below set the model's own "
+                         "ranker; they do nothing with --clip")
     outline = _read_outline(args.outline) if args.outline else None
     session = ChatSession.from_run(args.checkpoint)
     device = next(session.model.parameters()).device
@@ -58,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
         ranker = ClipRanker(args.clip, args.clip_weights, device)
     else:
         prompt = args.caption_prompt or CAPTION_PROMPT
-        ranker = LikelihoodRanker(session.model, session.system_prompt, prompt, name=args.checkpoint)
+        ranker = LikelihoodRanker(session.model, session.system_prompt, prompt, name=args.checkpoint, **likelihood)
     out = compose(
         session.model, args.instruction, args.images, args.out, num_images=args.num_images, outline=outline,
         references=args.reference, seed=args.seed, temperature=args.temperature,
