@@ -137,7 +137,7 @@ def test_likelihood_ranking_picks_the_image_with_the_highest_direct_caption_star
     session, candidates, tmp_path
 ):
     # A tiny random model explains no token (vocabulary 49k), which would end the scored span
-    # at once; this test checks the span of all the caption's words, the next one the cut.
+    # at once; this test checks a span of all the caption's words, and the tests below the cut.
     ranker = LikelihoodRanker(session.model, session.system_prompt, unexplained_below=0.0)
     decisions = _compose(
         session, candidates, tmp_path / "article", num_images=2, outline=OUTLINE, batch_size=2, ranker=ranker
