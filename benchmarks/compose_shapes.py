@@ -147,12 +147,41 @@ TASKS = [
         "num_images": 1,
         "max_new_tokens": 96,
     },
+    # added 2026-11-26, after the scored span was measured and before any change to the caption
+    # examples: outlines only, so that the topic match rests on more slots
+    {
+        "instruction": "Write a short article for children about a toy box full of shapes.",
+        "outline": [
+            "A green triangle in the toy box [image]",
+            "A blue square under the bed [image]",
+            "A red circle by the window [image]",
+        ],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write a short story for children about a robot who collects shapes.",
+        "outline": [
+            "The robot finds a yellow circle [image]",
+            "The robot finds a blue triangle [image]",
+            "The robot finds a green square [image]",
+        ],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": ARTICLE,
+        "outline": ["The red triangle [image]", "The yellow square [image]", "The green circle [image]"],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
 ]
 SETS = (  # (name, first task, end): each addition was registered before it was first run
     ("tasks 0-3", 0, 4),
     ("tasks 4-6", 4, 7),
     ("tasks 7-11", 7, 12),
-    ("tasks 12-15", 12, len(TASKS)),
+    ("tasks 12-15", 12, 16),
+    ("tasks 16-18", 16, len(TASKS)),
 )
 
 
