@@ -78,8 +78,8 @@ TASKS = [
         "num_images": 2,
         "max_new_tokens": 128,
     },
-    # added 2026-11-26 in the next session, before any run and before the caption changes of
-    # that session: other wordings, a story, three slots without an outline, one slot alone
+    # added 2026-11-26 (second round), before they were run and before the caption changes:
+    # other wordings, a story, three slots without an outline, one slot alone
     {
         "instruction": "Write a short story for children about a painter who loves coloured shapes.",
         "outline": [
