@@ -261,8 +261,6 @@ def test_only_the_adapters_own_parameters_train(name):
     assert [n for n, p in trained.items() if p.grad is None or not p.grad.any()] == []
 
 
-
-
 # Adapter size for the bf16 check: at the battery's 0.2 the random deltas dwarf the 32-wide
 # base weights, and bf16 arithmetic moves such logits by up to 20 % (PLoRA, scale 8).
 STD_BF16 = 0.05
