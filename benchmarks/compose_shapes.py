@@ -175,14 +175,61 @@ TASKS = [
         "num_images": 3,
         "max_new_tokens": 64,
     },
+    # added 2026-11-26 in a later session, before they were run, with no change to the code
+    # since tasks 16-18: a second unseen sample of the kept code, in the mix of the sets above
+    # (outlined articles, a story, paragraphs without an outline, one slot alone)
+    {
+        "instruction": ARTICLE,
+        "outline": ["The blue circle [image]", "The green square [image]", "The red triangle [image]"],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a red circle and one about a green "
+        "triangle.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
+    {
+        "instruction": "Write a short story for children about a girl who builds a house from coloured shapes.",
+        "outline": [
+            "She starts with a red square [image]",
+            "Then she adds a yellow triangle [image]",
+            "Last comes a blue circle [image]",
+        ],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write a short paragraph for children about a blue circle.",
+        "outline": None,
+        "num_images": 1,
+        "max_new_tokens": 96,
+    },
+    {
+        "instruction": "Write a short lesson for children about colours and shapes.",
+        "outline": ["A green triangle [image]", "A yellow circle [image]", "A blue square [image]"],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write three short paragraphs for children: one about a yellow square, one about a red "
+        "circle and one about a green triangle.",
+        "outline": None,
+        "num_images": 3,
+        "max_new_tokens": 160,
+    },
 ]
 SETS = (  # (name, first task, end): each addition was registered before it was first run
     ("tasks 0-3", 0, 4),
     ("tasks 4-6", 4, 7),
     ("tasks 7-11", 7, 12),
     ("tasks 12-15", 12, 16),
-    ("tasks 16-18", 16, len(TASKS)),
+    ("tasks 16-18", 16, 19),
+    ("tasks 19-24", 19, len(TASKS)),
 )
+UNSEEN_FROM = 16  # tasks from here on were registered after the last change to the code they measure
 
 
 def candidate_folder(folder: Path, first: int) -> dict[str, str]:
@@ -286,6 +333,7 @@ def main() -> None:
         "by_set": {
             name: summary([slot for task in tasks[start:end] for slot in task["slots"]]) for name, start, end in SETS
         },
+        "unseen": summary([slot for task in tasks[UNSEEN_FROM:] for slot in task["slots"]]),
         "seconds": round(time.perf_counter() - start, 1),
         "tasks": tasks,
     }
