@@ -18,7 +18,7 @@ The steps, each recorded in ``decisions.json``:
    give that many usable paragraph numbers (``auto``: at least one), the images are
    spread evenly instead (:func:`even_positions`). Without an outline, an answer with fewer
    paragraphs than images wanted is first cut at sentence ends (:func:`split_paragraphs`), so
-   no two images follow one paragraph under the same caption.
+   two images follow one paragraph only when no paragraph has two sentences left to cut.
 3. **Captions**: one per slot, the model's short caption for that paragraph, cut after its
    first sentence. With an outline the request also names the paragraph's outline topic, the
    user's own words for what the slot is about. Two worked examples come first as earlier
