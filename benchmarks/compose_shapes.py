@@ -220,6 +220,50 @@ TASKS = [
         "num_images": 3,
         "max_new_tokens": 160,
     },
+    # added 2026-11-26, after tasks 19-24 were measured and before the ranker's discount of the
+    # words no candidate explains was: the same mix again
+    {
+        "instruction": ARTICLE,
+        "outline": ["The yellow triangle [image]", "The blue square [image]", "The green circle [image]"],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write two short paragraphs for children: one about a yellow circle and one about a blue "
+        "square.",
+        "outline": None,
+        "num_images": 2,
+        "max_new_tokens": 128,
+    },
+    {
+        "instruction": "Write a short story for children about a cat who plays with coloured shapes.",
+        "outline": [
+            "The cat chases a green circle [image]",
+            "The cat sits on a red square [image]",
+            "The cat sleeps by a yellow triangle [image]",
+        ],
+        "num_images": 3,
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write a short paragraph for children about a green square.",
+        "outline": None,
+        "num_images": 1,
+        "max_new_tokens": 96,
+    },
+    {
+        "instruction": "Write a short lesson for children about colours and shapes.",
+        "outline": ["A red circle [image]", "A blue triangle [image]", "A yellow square [image]"],
+        "num_images": "auto",
+        "max_new_tokens": 64,
+    },
+    {
+        "instruction": "Write three short paragraphs for children: one about a blue triangle, one about a green "
+        "circle and one about a red square.",
+        "outline": None,
+        "num_images": 3,
+        "max_new_tokens": 160,
+    },
 ]
 SETS = (  # (name, first task, end): each addition was registered before it was first run
     ("tasks 0-3", 0, 4),
@@ -227,7 +271,8 @@ SETS = (  # (name, first task, end): each addition was registered before it was 
     ("tasks 7-11", 7, 12),
     ("tasks 12-15", 12, 16),
     ("tasks 16-18", 16, 19),
-    ("tasks 19-24", 19, len(TASKS)),
+    ("tasks 19-24", 19, 25),
+    ("tasks 25-30", 25, len(TASKS)),
 )
 UNSEEN_FROM = 16  # tasks from here on were registered after the last change to the code they measure
 
