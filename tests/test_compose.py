@@ -35,7 +35,14 @@ from mmadapt.inference.compose import (
     parse_positions,
     split_paragraphs,
 )
-from mmadapt.inference.rank import ClipRanker, LikelihoodRanker, description_start, read_image, scored_span
+from mmadapt.inference.rank import (
+    ClipRanker,
+    LikelihoodRanker,
+    description_start,
+    read_image,
+    scored_span,
+    unexplained_words,
+)
 from tests.helpers import REPO, SHAPES, run_train, shapes_subset, tiny_overrides
 
 # An untied output head makes the text depend on the prompt (see tests/test_chat.py).
@@ -170,16 +177,21 @@ def test_the_tokens_closing_a_caption_count_with_their_weight(session, candidate
     assert description_start("...") == "..."
 
 
-def test_the_scored_span_ends_at_the_first_word_no_image_explains():
+def test_the_scored_span_ends_at_the_first_of_the_words_no_image_explains():
     log_probs = torch.log(torch.tensor([[0.9, 0.0005, 0.5, 0.3], [0.8, 0.002, 0.0001, 0.0001]]))
     assert scored_span(log_probs, 4, 1e-3) == 4  # every word is likely under some image
     assert scored_span(log_probs[:1], 4, 1e-3) == 1
     assert scored_span(log_probs[:1], 4, 1e-4) == 4
     assert scored_span(log_probs[:1], 4, 0.0) == 4
     assert scored_span(log_probs[1:], 2, 1e-3) == 2  # the tokens after the words never end it
+    assert unexplained_words(log_probs, 4, 1e-3).tolist() == [False, False, False, False]
+    assert unexplained_words(log_probs[1:], 4, 1e-3).tolist() == [False, False, True, True]
+    assert unexplained_words(log_probs[1:], 4, 0.0).tolist() == [False] * 4
 
 
-def test_the_ranker_discounts_the_words_past_the_span_and_the_closing_tokens_past_both(session, candidates):
+def test_the_ranker_discounts_the_words_past_the_span_and_the_unexplained_and_closing_tokens_past_both(
+    session, candidates
+):
     names, caption = CANDIDATES[:3], "A red circle."
     words = len(session.model.tokenizer("A red circle", add_special_tokens=False)["input_ids"])
     starts = torch.tensor([
@@ -190,12 +202,14 @@ def test_the_ranker_discounts_the_words_past_the_span_and_the_closing_tokens_pas
     best = per_token.max(dim=0).values
     cut = int(best.argmin())  # with a threshold just above it, the least likely word ends the span
     ranker = LikelihoodRanker(session.model, session.system_prompt, unexplained_below=float(best[cut].exp()) * 1.001)
-    assert int((best < best[cut] + math.log(1.001)).nonzero()[0]) == cut  # no earlier word under it too
+    assert (best < best[cut] + math.log(1.001)).nonzero().flatten().tolist() == [cut]  # no other word under it
     scores = ranker.scores(caption, [read_image(candidates / name) for name in names], batch_size=2)
     for k, (name, score) in enumerate(zip(names, scores)):
-        # the span in full, the words past it x 0.1, the closing tokens past both x 0.01
+        # the span in full, the unexplained word that ends it x 0.01, the words after it x 0.1,
+        # the closing tokens past both x 0.01
         whole = _direct_log_likelihood(session, caption, candidates / name, 1.0)
-        expected = starts[k, cut] + 0.1 * (starts[k, words] - starts[k, cut]) + 0.01 * (whole - starts[k, words])
+        past = starts[k, words] - starts[k, cut + 1]
+        expected = starts[k, cut] + 0.01 * per_token[k, cut] + 0.1 * past + 0.01 * (whole - starts[k, words])
         assert score == pytest.approx(float(expected), rel=1e-5)
 
 

@@ -106,10 +106,11 @@ class LikelihoodRanker:
 
     The answer's tokens in the *scored span* count fully. The span is the caption's words up
     to the first token that no candidate explains (its probability below ``unexplained_below``
-    for every image); it is the same for every image of the call. Two kinds of token count
-    less, by ``closing_weight`` for each kind they are: the tokens that close the answer, and
-    the words past the span; so the closing tokens of a caption cut short count
-    ``closing_weight**2``, and the words past the span outweigh them by the factor by which
+    for every image); it is the same for every image of the call. Three kinds of token count
+    less, by ``closing_weight`` for each kind they are: the tokens that close the answer, the
+    words past the span, and the words no candidate explains (all of them past the span). So
+    the closing tokens of a caption cut short count ``closing_weight**2``, as do the
+    unexplained words, and the other words past the span outweigh both by the factor by which
     the words of an uncut caption outweigh its closing tokens.
 
     Why the closing tokens (the full stop and the end of turn) count less: they assert that
@@ -128,14 +129,20 @@ class LikelihoodRanker:
     that leaves the descriptions before it names anything ("A person visiting the green
     square."): there the words past the span are all the evidence there is.
 
+    Why an unexplained word counts less again: every picture finds it unlikely, and by how
+    much is noise. In "A small green square, a special place, ..." " small" and " special"
+    cost 10-20 nats on every candidate; counted like the other words past the span, the 2.5
+    nats by which a picture without a green square found them less unlikely outweighed the
+    1.8 nats by which the other words, " green" among them, preferred a picture with one.
+
     Args:
         model: a trained model with an image encoder (eval mode).
         system_prompt: the run's ``data.system_prompt``, as in training.
         prompt: the user text after the image, as in the training data.
         name: what error messages call the model, e.g. its run folder.
-        closing_weight: the discount, in [0, 1], of the closing tokens and of the words past the span.
-        unexplained_below: the probability in [0, 1) under which a token no image reaches ends
-            the scored span; 0: the span is all of the caption's words.
+        closing_weight: the discount, in [0, 1], for each kind of discounted token.
+        unexplained_below: the probability in [0, 1) under which a word no image reaches is
+            unexplained (the first one ends the scored span); 0: no word is.
 
     Raises:
         InputError: the model has no image encoder, or a weight or probability out of range.
@@ -177,11 +184,13 @@ class LikelihoodRanker:
         log_probs = torch.cat(_in_batches(images, batch_size, on_scored, lambda chunk: self._log_probs(encoded, chunk)))
         answer = [token for token in encoded["labels"] if token != IGNORE_INDEX]
         words = _common_prefix(answer, tokenizer(description_start(caption), add_special_tokens=False)["input_ids"])
+        unexplained = unexplained_words(log_probs, words, self.unexplained_below)
         span = scored_span(log_probs, words, self.unexplained_below)
         weights = torch.ones(log_probs.shape[1], device=log_probs.device)
         weights[span:] *= self.closing_weight  # words past an unexplained one, and the closing tokens
         if span < words:
             weights[words:] *= self.closing_weight  # closing tokens past an unexplained word: both
+        weights[:words][unexplained] *= self.closing_weight  # unexplained words, past the span: both
         return (log_probs @ weights).tolist()
 
     def _log_probs(self, encoded: dict, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -211,10 +220,16 @@ def scored_span(log_probs: torch.Tensor, words: int, unexplained_below: float) -
         words: how many of those tokens are the caption's words.
         unexplained_below: a probability; 0 never cuts.
     """
-    if unexplained_below == 0:
-        return words
-    unexplained = (log_probs[:, :words].max(dim=0).values < math.log(unexplained_below)).nonzero()
+    unexplained = unexplained_words(log_probs, words, unexplained_below).nonzero()
     return int(unexplained[0]) if len(unexplained) else words
+
+
+def unexplained_words(log_probs: torch.Tensor, words: int, unexplained_below: float) -> torch.Tensor:
+    """Which of the first ``words`` answer tokens no image explains: ``[tokens]`` booleans, true
+    where ``log p`` is below ``log(unexplained_below)`` in every row (0: none)."""
+    if unexplained_below == 0:
+        return torch.zeros(words, dtype=torch.bool, device=log_probs.device)
+    return log_probs[:, :words].max(dim=0).values < math.log(unexplained_below)
 
 
 def _in_batches(
