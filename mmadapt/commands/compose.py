@@ -43,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--closing-weight", type=float, metavar="W",
-        help="likelihood ranker: weight of a caption's closing tokens, and of its words from the first one "
-        "no candidate explains (default 0.1)",
+        help="likelihood ranker: weight of a caption's closing tokens, of its words from the first one no "
+        "candidate explains, and again of each such word (default 0.1)",
     )
     parser.add_argument(
         "--unexplained-below", type=float, metavar="P",
-        help="likelihood ranker: a caption word below this probability under every candidate ends the words "
-        "counted in full (default 0.001; 0: never)",
+        help="likelihood ranker: a caption word below this probability under every candidate is unexplained; "
+        "the first ends the words counted in full (default 0.001; 0: none is)",
     )
 
 
