@@ -289,6 +289,15 @@ def candidate_folder(folder: Path, first: int) -> dict[str, str]:
     return captions
 
 
+def asking_topic(decisions: dict, slot: dict) -> str | None:
+    """The topic of the outline line that asked for the slot with ``[image]``, as ``compose``
+    parsed it; None where no line did."""
+    if not decisions["outline"]:
+        return None
+    line = decisions["outline"][slot["after_paragraph"] - 1]
+    return line["topic"] if line["image"] else None
+
+
 def score_slot(slot: dict, captions: dict[str, str], topic: str | None) -> dict:
     """The slot's named pairs, the chosen picture's content, and whether they match (the
     caption's pairs; ``topic_match``: the pairs of the outline line that asked for the slot)."""
@@ -363,9 +372,7 @@ def main() -> None:
             on_text=lambda piece: print(piece, end="", flush=True), progress=True,
         )
         decisions = json.loads((out / "decisions.json").read_text())
-        marked = [line.removesuffix("[image]").strip() for line in task["outline"] or [] if line.endswith("[image]")]
-        topics = marked or [None] * len(decisions["slots"])  # marked lines are the slots, in order
-        scored = [score_slot(slot, captions, topic) for slot, topic in zip(decisions["slots"], topics)]
+        scored = [score_slot(slot, captions, asking_topic(decisions, slot)) for slot in decisions["slots"]]
         for slot in scored:
             print(f"\n  {slot['caption']!r} -> {slot['image']} ({slot['content']}) match={slot['match']}")
         slots += scored
